@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from tune_dynsdpb.errors import UserError
-from tune_dynsdpb.search_space import (Choices, Range, SweepSpec, create_define_by_run, create_points_to_evaluate,
-                                       create_scheduler, create_searcher, load_search_space, resolve_metric)
+from tune_dynsdpb.search_space import (Choices, Range, SweepSpec, config_name, create_define_by_run,
+                                       create_points_to_evaluate, create_scheduler, create_searcher,
+                                       load_search_space, resolve_metric)
 
 SHIPPED = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
 METHOD_ONLY = {"vanilla": set(), "dlb": {"alpha0", "tau0"},
@@ -65,7 +66,7 @@ def test_shipped_file_samples_inside_its_space(path):
             config = {**trial.params, **const}
             assert not set(config) & (ALL_METHOD_PARAMS - METHOD_ONLY[method]), (method, config)
             for name, value in trial.params.items():
-                p = declared(spec, method, name)
+                p = declared(spec, method, "warmup_ratio" if name == "warmup_steps" else name)
                 if isinstance(p, Range):
                     assert p.low <= value <= p.high, (name, value)
                 else:
@@ -74,6 +75,21 @@ def test_shipped_file_samples_inside_its_space(path):
                 bs = config["per_device_train_batch_size"]
                 assert isinstance(bs, int) and bs >= 2 and bs % 2 == 0
             study.tell(trial, rng.random())
+
+
+def test_suggestions_build_a_dynsdpb_config(tmp_path):
+    from tune_dynsdpb.trainer import DynSDPBConfig
+
+    for path in SHIPPED:
+        spec = load_search_space(path)
+        for method in spec.methods:
+            study = optuna.create_study()
+            for point in create_points_to_evaluate(spec, method):
+                study.enqueue_trial(point)
+            trial = study.ask()
+            const = create_define_by_run(spec, method)(trial)
+            DynSDPBConfig(output_dir=str(tmp_path), use_cpu=True, **trial.params, **const, **spec.training_kwargs())
+    assert config_name("warmup_ratio") in ("warmup_ratio", "warmup_steps") and config_name("tau0") == "tau0"
 
 
 def test_quickstart_is_small():
@@ -100,6 +116,7 @@ def test_searcher_scheduler_and_warm_starts(tmp_path):
     first = searcher.searcher.suggest("t0")  # the enqueued warm start comes first
     assert first["method"] == "dynsdpb" and {k: first[k] for k in dyn[0]} == dyn[0]
 
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune checkpoints its searcher: must pickle
     spec.budget.max_concurrent = None
     plain = create_searcher(spec, "dlb", "eval_accuracy", "max")
     assert isinstance(plain, OptunaSearch) and plain._points_to_evaluate == [{"tau0": 3.0, "alpha0": 1.0}]
@@ -127,6 +144,7 @@ def test_explicit_points_fixed_values_and_metric(tmp_path):
     spec.metric = None
     assert resolve_metric(spec, "accuracy", "max") == ("eval_accuracy", "max")
     assert spec.params.common.learning_rate.low == 1e-5  # YAML-1.1 style "1e-5" is read as a number
+    assert SweepSpec.model_validate(spec.model_dump()).model_dump() == spec.model_dump()  # round trip
 
 
 BAD = [  # (what, replace this, with this, key the message must name)
@@ -143,6 +161,7 @@ BAD = [  # (what, replace this, with this, key the message must name)
     ("odd batch size with dlb", "{choices: [16, 32]}", "{choices: [15, 32]}", "per_device_train_batch_size"),
     ("empty choices", "{choices: [sample, batch]}", "{choices: []}", "granularity"),
     ("bad granularity", "{choices: [sample, batch]}", "{choices: [sample, token]}", "granularity"),
+    ("tau0 outside tau_range", "tau0: {low: 1.0, high: 5.0}}", "tau0: {low: 1.0, high: 30.0}}", "tau0"),
     ("point outside range", "name: t\n", "name: t\npoints_to_evaluate: {dlb: [{tau0: 9.0}]}\n", "tau0"),
     ("point naming unknown param", "name: t\n", "name: t\npoints_to_evaluate: {dlb: [{lambda_tau: 0}]}\n",
      "lambda_tau"),

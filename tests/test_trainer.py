@@ -190,3 +190,13 @@ def test_config_rejects_bad_values(field, value, match, tmp_path):
 
 def test_vanilla_accepts_odd_batch(tmp_path):
     DynSDPBConfig(output_dir=str(tmp_path), method="vanilla", per_device_train_batch_size=3, report_to=[])
+
+
+def test_grad_norm_logging_per_layer(tiny_bert, tmp_path):
+    trainer, _ = build("classification", tiny_bert, tmp_path, "dynsdpb", grad_norm_log_steps=2)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if any(k.startswith("grad_norm/") for k in h)]
+    assert [h["step"] for h in logged] == [1, 3]  # logged before the optimizer steps 2 and 4
+    keys = {k for k in logged[0] if k.startswith("grad_norm/")}
+    assert keys == {"grad_norm/embeddings", "grad_norm/layer_00", "grad_norm/layer_01", "grad_norm/head"}
+    assert all(logged[0][k] > 0 for k in keys)

@@ -15,13 +15,19 @@ A minimal file::
       dlb: {alpha0: {low: 0.1, high: 3.0}, tau0: {low: 1.0, high: 5.0}}
       dynsdpb: {lambda_alpha: {low: 0.0, high: 2.0}, granularity: {choices: [sample, batch]}}
 
-Each arm gets its own Optuna study (:func:`create_searcher`) and the same ASHA schedule
-(:func:`create_scheduler`). ``1e-5`` is read as a number (YAML 1.2 style). Every problem is a
-:class:`~tune_dynsdpb.errors.UserError` of one line: ``"<file>: <dotted.key>: <what is wrong>"``.
+A parameter is a fixed value, ``{low, high, log?, step?, int?}`` or ``{choices: [...]}``; every
+value a range or choice set can produce is checked against the method's constraints. Each arm gets
+its own Optuna study (:func:`create_searcher`, which takes metric and mode) and the same ASHA
+schedule (:func:`create_scheduler`, which takes them from ``TuneConfig``). Trial parameters are
+named after DynSDPBConfig fields (:func:`config_name`). ``1e-5`` is read as a number (YAML 1.2
+style). Every problem is a :class:`~tune_dynsdpb.errors.UserError` of one line:
+``"<file>: <dotted.key>: <what is wrong>"``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
 import re
 from pathlib import Path
@@ -41,12 +47,12 @@ if TYPE_CHECKING:
 Method = Literal["vanilla", "dlb", "dynsdpb"]
 METHODS: tuple[str, ...] = ("vanilla", "dlb", "dynsdpb")
 PAIRED = ("dlb", "dynsdpb")  # methods that split each batch in two halves: even batch sizes only
-# name -> (kind, lower bound, lower bound inclusive, upper bound (inclusive) or None)
+# name -> (kind, lower bound, lower bound inclusive, upper bound (exclusive) or None)
 PARAMS: dict[str, tuple[str, Any, bool, Any]] = {
     "learning_rate": ("float", 0.0, False, None),
     "weight_decay": ("float", 0.0, True, None),
     "num_train_epochs": ("num", 0.0, False, None),  # float, or int with `int: true`
-    "warmup_ratio": ("float", 0.0, True, 1.0),
+    "warmup_ratio": ("float", 0.0, True, 1.0),  # < 1: transformers 5 reads it as a ratio
     "per_device_train_batch_size": ("int", 1, True, None),
     "alpha0": ("float", 0.0, True, None),
     "tau0": ("float", 0.0, False, None),
@@ -54,6 +60,7 @@ PARAMS: dict[str, tuple[str, Any, bool, Any]] = {
     "lambda_tau": ("float", -1.0, False, None),
     "granularity": ("cat", ("sample", "batch"), True, None),
 }
+TAU_RANGE = (0.05, 20.0)  # DynSDPBConfig's default clamp range for tau; tau0 must lie inside it
 DEFAULT_POINTS = {"dlb": {"tau0": 3.0, "alpha0": 1.0},
                   "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.0, "lambda_tau": 0.0}}
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -79,6 +86,7 @@ class _Strict(BaseModel):
 
 class Range(_Strict):
     """``{low, high, log?, step?, int?}``: a float range, or an int range (``suggest_int``)."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, serialize_by_alias=True)
     low: float
     high: float
     log: bool = False
@@ -253,9 +261,10 @@ def _value_problem(name: str, v: Any) -> Optional[str]:
         return f"{v!r} is not a number"
     if kind == "int" and not float(v).is_integer():
         return f"{v!r} is not a whole number"
-    if v < lo or (v == lo and not lo_incl) or (hi is not None and v > hi):
+    if v < lo or (v == lo and not lo_incl) or (hi is not None and v >= hi):
         rel = ">=" if lo_incl else ">"
-        return f"{v:g} is out of bounds: {name} must be {rel} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+        upper = f" and < {hi:g}" if hi is not None else ""
+        return f"{v:g} is out of bounds: {name} must be {rel} {lo:g}{upper}"
     return None
 
 
@@ -266,7 +275,7 @@ def _check_param(where: str, name: str, p: Any, paired: bool) -> Any:
         if kind == "cat":
             raise _bad(where, f"{name} takes a fixed value or {{choices: [...]}}, not a range")
         if p.int_ and kind == "float":
-            raise _bad(where, f"int ranges are only for num_train_epochs and per_device_train_batch_size")
+            raise _bad(where, "int ranges are only for num_train_epochs and per_device_train_batch_size")
         if kind == "int":
             p.int_ = True
             if not all(float(x).is_integer() for x in (p.low, p.high, p.step or 1)):
@@ -309,7 +318,14 @@ def _check_spec(spec: SweepSpec) -> None:
     for block in ("common", "dlb", "dynsdpb"):
         for name, p in getattr(spec.params, block):
             if p is not None:
-                setattr(getattr(spec.params, block), name, _check_param(f"params.{block}.{name}", name, p, paired))
+                checked = _check_param(f"params.{block}.{name}", name, p, paired)
+                setattr(getattr(spec.params, block), name, checked)
+    lo, hi = spec.training.tau_range or TAU_RANGE
+    for block in ("dlb", "dynsdpb"):
+        p = getattr(spec.params, block).tau0
+        ends = [p.low, p.high] if isinstance(p, Range) else p.choices if isinstance(p, Choices) else [p]
+        if p is not None and not all(lo <= v <= hi for v in ends):
+            raise _bad(f"params.{block}.tau0", f"must lie inside tau_range [{lo:g}, {hi:g}] (training.tau_range)")
     for m, points in (spec.points_to_evaluate or {}).items():
         if m not in METHODS:
             raise _bad(f"points_to_evaluate.{m}", f"unknown method (valid: {', '.join(METHODS)})")
@@ -413,7 +429,22 @@ def _arm(spec: SweepSpec, method: str) -> None:
                         f"(arms: {', '.join(spec.methods)})")
 
 
+@functools.lru_cache(maxsize=None)
+def _transformers_major() -> int:
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 5
+
+
+def config_name(name: str) -> str:
+    """The DynSDPBConfig field a file parameter sets: transformers 5 has no ``warmup_ratio``; its
+    ``warmup_steps`` takes a float in [0, 1) as the ratio. Every other name is unchanged."""
+    return "warmup_steps" if name == "warmup_ratio" and _transformers_major() >= 5 else name
+
+
 def _suggest(trial: "optuna.Trial", name: str, p: Any, const: dict) -> None:
+    name = config_name(name)
     if isinstance(p, Range):
         if p.int_:
             trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
@@ -425,19 +456,21 @@ def _suggest(trial: "optuna.Trial", name: str, p: Any, const: dict) -> None:
         const[name] = p
 
 
-def create_define_by_run(spec: SweepSpec, method: str) -> Callable[["optuna.Trial"], dict]:
-    """Optuna define-by-run space of one arm; returns the constants (``method`` and fixed params)."""
-    _arm(spec, method)
+class _DefineByRun:
+    """The define-by-run function of one arm; a class so OptunaSearch.save() can pickle it."""
 
-    def define_by_run(trial: "optuna.Trial") -> dict:
-        const: dict[str, Any] = {"method": method}
-        for name, p in spec.params.common:
+    def __init__(self, spec: SweepSpec, method: str):
+        self.spec, self.method = spec, method
+
+    def __call__(self, trial: "optuna.Trial") -> dict:
+        const: dict[str, Any] = {"method": self.method}
+        for name, p in self.spec.params.common:
             if p is not None:
                 _suggest(trial, name, p, const)
-        if method == "dlb":
-            block: BaseModel = spec.params.dlb
-        elif method == "dynsdpb":
-            block = spec.params.dynsdpb
+        if self.method == "dlb":
+            block: BaseModel = self.spec.params.dlb
+        elif self.method == "dynsdpb":
+            block = self.spec.params.dynsdpb
         else:  # vanilla: no method parameters
             return const
         for name, p in block:
@@ -445,7 +478,12 @@ def create_define_by_run(spec: SweepSpec, method: str) -> Callable[["optuna.Tria
                 _suggest(trial, name, p, const)
         return const
 
-    return define_by_run
+
+def create_define_by_run(spec: SweepSpec, method: str) -> Callable[["optuna.Trial"], dict]:
+    """Optuna define-by-run space of one arm: suggests the common params, then the method's;
+    returns the constants (``method`` and the fixed params). Trial names are DynSDPBConfig fields."""
+    _arm(spec, method)
+    return _DefineByRun(spec, method)
 
 
 def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
@@ -454,7 +492,7 @@ def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
     _arm(spec, method)
     searched = {k: v for k, v in spec.params.arm(method).items() if isinstance(v, (Range, Choices))}
     if spec.points_to_evaluate is not None and method in spec.points_to_evaluate:
-        return [dict(p) for p in spec.points_to_evaluate[method] if p]
+        return [{config_name(k): v for k, v in p.items()} for p in spec.points_to_evaluate[method] if p]
     point = {k: v for k, v in DEFAULT_POINTS.get(method, {}).items()
              if k in searched and _contains(searched[k], v)}
     return [point] if point else []
@@ -466,7 +504,8 @@ def create_searcher(spec: SweepSpec, method: str, metric: str, mode: str,
     ``budget.max_concurrent`` is set. ``seed`` None uses ``spec.seed``.
 
     Metric and mode go to the searcher here because a define-by-run OptunaSearch cannot take them
-    from the Tuner later; passing them to ``TuneConfig`` too is fine. The scheduler takes none."""
+    from the Tuner later; passing them to ``TuneConfig`` too is fine (the scheduler takes them from
+    there), as long as the Tuner's ``param_space`` holds constants only, no ``tune.*`` domains."""
     import warnings
 
     import optuna

@@ -132,8 +132,8 @@ def _params(d: dict) -> dict[str, str]:
         if v is None or isinstance(v, (str, int, float, bool)):
             s = str(v)
         else:
-            try:  # lists, tuples, ... : JSON keeps them readable; give up on the rest
-                s = json.dumps(v, default=str)
+            try:  # lists, tuples: JSON. Objects are skipped: their repr (an address) changes
+                s = json.dumps(v)  # between restarts and MLflow refuses to change a param
             except (TypeError, ValueError):
                 continue
         out[k[:_MAX_KEY]] = s[:_MAX_PARAM]

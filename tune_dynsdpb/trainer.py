@@ -14,12 +14,13 @@ The trainer changes three things and nothing else:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import UserError
@@ -121,6 +122,37 @@ def _target_rows(output: torch.Tensor, labels: torch.Tensor, causal_lm: bool):
     return logits[mask], targets[mask], mask.sum(1)
 
 
+def layer_of(param_name: str) -> str:
+    """Groups parameters for the gradient-norm log: ``layer_3``, or ``embeddings`` / ``head``."""
+    m = re.search(r"\.(?:layer|layers|h|blocks)\.(\d+)\.", param_name)
+    if m:
+        return f"layer_{int(m.group(1)):02d}"
+    return "embeddings" if "embed" in param_name or "wte" in param_name or "wpe" in param_name else "head"
+
+
+class _GradNormLogger(TrainerCallback):
+    """Every N optimizer steps, logs the gradient norm of each layer (before clipping is applied
+    by the optimizer step). One device-to-host copy per logged step, nothing on the others."""
+
+    def __init__(self, trainer: "DynSDPBTrainer", every: int):
+        self.trainer, self.every, self.groups = trainer, every, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if (state.global_step + 1) % self.every:
+            return
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if self.groups is None:
+            self.groups = {}
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    self.groups.setdefault(layer_of(name), []).append(p)
+        names = sorted(self.groups)
+        sq = torch.stack([sum((p.grad.detach().float().square().sum() for p in self.groups[n] if p.grad is not None),
+                              torch.zeros((), device=args.device)) for n in names])
+        norms = sq.sqrt().tolist()
+        self.trainer.log({f"grad_norm/{n}": v for n, v in zip(names, norms)})
+
+
 class DynSDPBTrainer(Trainer):
     """``transformers.Trainer`` with DLB / DynSDPB self-distillation from the previous mini-batch.
 
@@ -144,6 +176,8 @@ class DynSDPBTrainer(Trainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft adapter
         self._causal_lm = type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self._regression = not self._causal_lm and getattr(base.config, "num_labels", 2) == 1
+        if self.args.grad_norm_log_steps > 0:
+            self.add_callback(_GradNormLogger(self, self.args.grad_norm_log_steps))
         if not self._causal_lm and getattr(self, "loss_is_scaled_for_ga", None) is None:
             # Classification/regression heads return a per-batch mean and ignore num_items_in_batch,
             # yet accept **kwargs, so the stock Trainer would sum micro-batch means under gradient

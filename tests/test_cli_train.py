@@ -1,0 +1,126 @@
+"""`tune-dynsdpb train`: a real run, and every bad input ending in one line and exit status 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tune_dynsdpb.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def train_args(data_dir, model, out, *extra):
+    return ["train", "--task", "rte", "--data-dir", str(data_dir), "--model", str(model), "--output-dir", str(out),
+            "--batch-size", "8", "--epochs", "1", "--max-length", "32", "--logging-steps", "2", *extra]
+
+
+def test_train_writes_metrics_and_a_loadable_model(data_dir, tiny_bert, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *train_args(data_dir, tiny_bert, out, "--method", "dynsdpb", "--learning-rate", "1e-3"))
+    assert code == 0, err
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["metric"] == "eval_accuracy" and 0 <= record["score"] <= 1
+    assert any("consistency_loss" in h for h in record["log_history"])
+    from transformers import pipeline
+    clf = pipeline("text-classification", model=str(out))
+    assert clf("the movie was good")[0]["label"] in {"entailment", "not_entailment"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "train", "--task", "nope", "--model", "x",
+                           "--output-dir", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "nope" in proc.stderr
+
+
+def corrupt(data_dir, tmp_path, edit):
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    edit(d / "glue" / "RTE")
+    return d
+
+
+BAD = {
+    "odd batch": (lambda d: None, ["--method", "dlb", "--batch-size", "7"], "--batch-size"),
+    "batch below 2": (lambda d: None, ["--method", "dynsdpb", "--batch-size", "1"], "--batch-size"),
+    "negative alpha0": (lambda d: None, ["--alpha0", "-1"], "--alpha0"),
+    "zero tau0": (lambda d: None, ["--tau0", "0"], "--tau0"),
+    "lambda_tau at -1": (lambda d: None, ["--lambda-tau", "-1"], "--lambda-tau"),
+    "missing split": (lambda d: (d / "dev.tsv").unlink(), [], "dev.tsv"),
+    "missing column": (lambda d: (d / "train.tsv").write_text(
+        (d / "train.tsv").read_text().replace("sentence2", "other", 1)), [], "sentence2"),
+    "empty dataset": (lambda d: (d / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"), [], "train.tsv"),
+    "unknown class": (lambda d: (d / "train.tsv").write_text(
+        (d / "train.tsv").read_text().replace("\tentailment\n", "\tmaybe\n", 1)), [], "maybe"),
+    "NaN label": (lambda d: (d / "train.tsv").write_text(
+        (d / "train.tsv").read_text().replace("\tentailment\n", "\tNaN\n", 1)), [], "train.tsv"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case, data_dir, tiny_bert, tmp_path, capsys):
+    edit, extra, expected = BAD[case]
+    d = corrupt(data_dir, tmp_path, edit)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *train_args(d, tiny_bert, out, *extra))
+    assert code == 2
+    assert err.startswith("tune-dynsdpb: error:") and err.strip().count("\n") == 0
+    assert expected in err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_unknown_task(data_dir, tiny_bert, tmp_path, capsys):
+    code, err = run_cli(capsys, "train", "--task", "glue-nope", "--data-dir", str(data_dir), "--model",
+                        str(tiny_bert), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "glue-nope" in err and "rte" in err
+
+
+def test_missing_model_path(data_dir, tmp_path, capsys):
+    code, err = run_cli(capsys, *train_args(data_dir, tmp_path / "no-such-model", tmp_path / "o"))
+    assert code == 2 and "--model" in err and "no-such-model" in err
+
+
+def test_labels_outside_the_head(data_dir, tiny_bert, tmp_path, capsys):
+    """CB has 3 classes; tiny_bert carries a trained 2-class head."""
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    cb = d / "superglue" / "CB" / "train.jsonl"
+    cb.write_text(cb.read_text().replace('"label": "entailment"', '"label": "neutral"', 1))
+    code, err = run_cli(capsys, "train", "--task", "cb", "--data-dir", str(d), "--model", str(tiny_bert),
+                        "--output-dir", str(tmp_path / "o"), "--batch-size", "8")
+    assert code == 2 and "2" in err and "label" in err.lower()
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_not_empty(data_dir, tiny_bert, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, *train_args(data_dir, tiny_bert, out))
+    assert code == 2 and "--output-dir" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_trust_remote_code_is_off_by_default(data_dir, tiny_bert, tmp_path, monkeypatch):
+    seen = []
+    import transformers
+    original = transformers.AutoConfig.from_pretrained
+
+    def spy(*a, **k):
+        seen.append(k.get("trust_remote_code"))
+        return original(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    from tune_dynsdpb.data import load_task
+    from tune_dynsdpb.run import load_model
+    load_model(str(tiny_bert), load_task("rte", data_dir))
+    assert seen and seen[0] is False

@@ -1,0 +1,155 @@
+"""``tune-dynsdpb``: train one model, sweep, compare arms, export the winner.
+
+Bad input exits with status 2 and one line on stderr naming the flag, field or file; nothing
+half-written is left behind (outputs are staged beside their target and renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+# Config fields as the CLI spells them, so errors name the flag the user typed.
+FLAGS = {"per_device_train_batch_size": "--batch-size", "alpha0": "--alpha0", "tau0": "--tau0",
+         "lambda_alpha": "--lambda-alpha", "lambda_tau": "--lambda-tau", "granularity": "--granularity",
+         "tau_range": "--tau-range", "method": "--method", "num_train_epochs": "--epochs"}
+
+
+def fail(message: str) -> int:
+    field, sep, rest = message.partition(": ")
+    if sep and field in FLAGS:
+        message = f"{FLAGS[field]}: {rest}"
+    print(f"tune-dynsdpb: error: {message}", file=sys.stderr)
+    return 2
+
+
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """Yields a temporary sibling of ``out``; renames it to ``out`` on success, removes it on failure."""
+    out = out.expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--output-dir: {out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["vanilla", "dlb", "dynsdpb"], default="dynsdpb")
+    g.add_argument("--alpha0", type=float, default=1.0, help="consistency weight (>= 0)")
+    g.add_argument("--tau0", type=float, default=3.0, help="temperature (> 0)")
+    g.add_argument("--lambda-alpha", type=float, default=1.0, help="dynsdpb: alpha = alpha0 * c^lambda_alpha")
+    g.add_argument("--lambda-tau", type=float, default=0.5, help="dynsdpb: tau = tau0 * (1 + lambda_tau * u)")
+    g.add_argument("--granularity", choices=["sample", "batch"], default="sample")
+    g.add_argument("--tau-range", type=float, nargs=2, default=(0.05, 20.0), metavar=("LOW", "HIGH"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tune-dynsdpb", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune one model, no Ray")
+    t.add_argument("--task", required=True, help="rte, sst2, mrpc, cola, stsb, qqp, mnli, qnli, wnli, boolq, cb, "
+                                                 "copa, superglue-rte, gsm8k, custom, qa-jsonl")
+    t.add_argument("--data-dir", help="folder in the GLUE/SuperGLUE release layout (default: the hub)")
+    t.add_argument("--train-file", help="custom tasks: a CSV/TSV/JSONL file")
+    t.add_argument("--eval-file", help="custom tasks: a CSV/TSV/JSONL file")
+    t.add_argument("--text-fields", nargs="+", help="custom tasks: 1 or 2 text columns")
+    t.add_argument("--label-field", help="custom tasks: the label column")
+    t.add_argument("--model", required=True, help="local folder, installed model package, or hub id")
+    t.add_argument("--output-dir", required=True, type=Path)
+    _method_args(t)
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=3.0)
+    g.add_argument("--max-steps", type=int, default=-1)
+    g.add_argument("--batch-size", type=int, default=32, help="per-device batch size B (even for dlb/dynsdpb)")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    g.add_argument("--learning-rate", type=float, default=2e-5)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.0)
+    g.add_argument("--max-length", type=int, default=128)
+    g.add_argument("--max-train-samples", type=int)
+    g.add_argument("--max-eval-samples", type=int)
+    g.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: every epoch)")
+    g.add_argument("--logging-steps", type=int, default=10)
+    g.add_argument("--grad-norm-log-steps", type=int, default=0, help="log per-layer gradient norms every N steps")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    g.add_argument("--lora-target-modules", nargs="+")
+    g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .data import load_task, tokenize_task
+    from .run import create_trainer, load_model, metric_key, save_final_model
+    from .trainer import DynSDPBConfig
+
+    out = a.output_dir
+    with staged_output(out) as tmp:
+        config = DynSDPBConfig(  # validates the method's flags before anything is loaded
+            output_dir=str(tmp / "trainer"), method=a.method, alpha0=a.alpha0, tau0=a.tau0,
+            lambda_alpha=a.lambda_alpha, lambda_tau=a.lambda_tau, granularity=a.granularity,
+            tau_range=tuple(a.tau_range), per_device_train_batch_size=a.batch_size,
+            per_device_eval_batch_size=max(a.batch_size, 32), gradient_accumulation_steps=a.gradient_accumulation_steps,
+            learning_rate=a.learning_rate, weight_decay=a.weight_decay, warmup_steps=a.warmup_ratio,  # < 1: a ratio
+            num_train_epochs=a.epochs, max_steps=a.max_steps, seed=a.seed, bf16=a.bf16, fp16=a.fp16,
+            eval_strategy="steps" if a.eval_steps else "epoch", eval_steps=a.eval_steps, save_strategy="no",
+            logging_steps=a.logging_steps, grad_norm_log_steps=a.grad_norm_log_steps, report_to=[])
+        task = load_task(a.task, a.data_dir, train_file=a.train_file, eval_file=a.eval_file,
+                         text_fields=a.text_fields, label_field=a.label_field,
+                         max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples, seed=a.seed)
+        lora = {"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules} if a.lora_r else None
+        model, tokenizer = load_model(a.model, task, lora=lora, trust_remote_code=a.trust_remote_code)
+        train_ds, eval_ds = tokenize_task(task, tokenizer, a.max_length)
+        trainer = create_trainer(task, model, tokenizer, train_ds, eval_ds, config)
+        train_out = trainer.train()
+        final = trainer.evaluate()
+        save_final_model(trainer, tokenizer, tmp)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        key = metric_key(task)
+        record = {"task": task.name, "source": task.source, "method": a.method, "metric": key,
+                  "score": final.get(key), "eval": final, "train": train_out.metrics,
+                  "train_samples": len(train_ds), "eval_samples": len(eval_ds),
+                  "config": {k: getattr(a, k) for k in ("model", "alpha0", "tau0", "lambda_alpha", "lambda_tau",
+                                                        "granularity", "batch_size", "learning_rate", "epochs",
+                                                        "max_length", "seed")},
+                  "log_history": trainer.state.log_history}
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"{key} = {final.get(key)}; model and metrics.json in {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("tune-dynsdpb: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
