@@ -203,6 +203,7 @@ def test_tuner_restore_reuses_trial_run(ray_session, tmp_path):
     tr2.start_sweep({})
     tr2.start_arm("dlb")
     Tuner.restore(str(tmp_path / "ray" / "dlb"), toy, restart_errored=True).fit()
+    print([(r.data.tags, r.info.status) for r in tr2.trial_runs("dlb")])
     (again,) = tr2.trial_runs("dlb")
     assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
     steps = {m.step for m in MlflowClient(uri).get_metric_history(again.info.run_id, "eval_accuracy")}

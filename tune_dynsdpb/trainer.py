@@ -21,12 +21,14 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import UserError
 from .losses import consistency_term
 from .sampler import PreviousBatchSampler, SoftTargetCache
 
+logger = logging.get_logger(__name__)
 SAMPLE_IDS = "dynsdpb_sample_ids"  # batch key for the ids; popped before the model sees the batch
 STATE_FILE = "dynsdpb_state_rank{rank}.pt"
 STAT_NAMES = ("ce_loss", "consistency_loss", "alpha_mean", "alpha_min", "alpha_max",
@@ -321,8 +323,11 @@ class DynSDPBTrainer(Trainer):
             return
         path = os.path.join(resume_from_checkpoint, STATE_FILE.format(rank=self.args.process_index))
         if not os.path.exists(path):
-            raise UserError(f"{resume_from_checkpoint}: no {os.path.basename(path)}; it was not written by "
-                            f"DynSDPBTrainer with method {self.args.method!r}")
+            # e.g. a vanilla checkpoint, or a rank whose files stayed on another node: the chain
+            # restarts, and this rank's next step goes without a consistency term.
+            logger.warning("%s: no %s; starting with an empty soft-target cache", resume_from_checkpoint,
+                           os.path.basename(path))
+            return
         state = torch.load(path, weights_only=True)
         if state["batch_size"] != self._train_batch_size or state["world_size"] != self.args.world_size:
             raise UserError(f"{path}: saved with batch size {state['batch_size']} on {state['world_size']} "
