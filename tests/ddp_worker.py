@@ -1,18 +1,18 @@
-"""One rank of the DDP tests in ``test_ddp.py``; started by ``torch.distributed.run`` with 2 processes.
+"""One rank of the DDP test in ``test_ddp.py``; started by ``torch.distributed.run`` with 2 processes:
 
-    python -m torch.distributed.run --nproc_per_node 2 --master_port P tests/ddp_worker.py \
-        {train,control} OUT_DIR [--model DIR] [--n N] [--steps S]
+    python -m torch.distributed.run --nproc_per_node 2 --master_port P tests/ddp_worker.py OUT_DIR
 
-``train``: a tiny BERT trained by ``DynSDPBTrainer`` (dynsdpb, gloo, CPU). Every rank records the
-sample ids of each training micro-batch, its own consistency term at each step, the Trainer's
-logs and a digest of its final parameters; then it walks two whole epochs of the trainer's own
-DataLoader (no model) to check the chain across the epoch boundary.
+Each rank builds the same tiny BERT (``helpers.write_tiny_bert`` under ``OUT_DIR/model_rank<r>``,
+seeded, so identical) and ``DynSDPBTrainer`` (dynsdpb, gloo, CPU), then writes two files:
 
-``control``: no training. A plain ``PreviousBatchSampler(num_replicas=1)`` DataLoader handed to
-``accelerator.prepare`` as is, so accelerate's ``BatchSamplerShard`` deals whole batches out
-round-robin: each rank records the batches it gets. This is the bug the trainer works around.
+``control_rank<r>.json``, the negative control, before any training: a plain
+``PreviousBatchSampler(num_replicas=1)`` DataLoader handed to the trainer's own
+``accelerator.prepare`` and left as accelerate makes it, so its ``BatchSamplerShard`` deals whole
+batches out round-robin. Only the batches are recorded (no model runs): the chain must break.
 
-Each rank writes ``OUT_DIR/<mode>_rank<r>.json``.
+``train_rank<r>.json``: the sample ids of every training micro-batch on this rank, this rank's
+own CE and consistency term at each step, the Trainer's logs, what step 1 must log (computed by
+hand), a digest of the final parameters, and two whole epochs of the trainer's DataLoader.
 """
 
 from __future__ import annotations
@@ -32,29 +32,10 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-def write(out: Path, mode: str, rank: int, payload: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{mode}_rank{rank}.json.tmp"
+def write(out: Path, name: str, payload: dict) -> None:
+    tmp = out / f".{name}.tmp"
     tmp.write_text(json.dumps(payload))
-    tmp.rename(out / f"{mode}_rank{rank}.json")
-
-
-def control(args) -> None:
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
-    from tune_dynsdpb.sampler import PreviousBatchSampler
-
-    accelerator = Accelerator(cpu=True)
-    assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
-    ids = list(range(args.n))
-    sampler = PreviousBatchSampler(args.n, args.batch, seed=args.seed)  # one chain, num_replicas=1
-    loader = accelerator.prepare(DataLoader(ids, batch_size=args.batch, sampler=sampler, drop_last=False))
-    batches = [b.tolist() for b in loader]
-    write(Path(args.out), "control", accelerator.process_index, {
-        "rank": accelerator.process_index, "world_size": accelerator.num_processes, "batches": batches,
-        "shard": type(loader.batch_sampler).__name__,
-        "unsharded_batches": sampler.epoch_batches(0)})
+    tmp.rename(out / name)
 
 
 def make_classification(tokenizer, n: int, seed: int = 0):
@@ -67,7 +48,62 @@ def make_classification(tokenizer, n: int, seed: int = 0):
     return Dataset.from_dict({**enc, "labels": [i % 2 for i in range(n)]})
 
 
-def train(args) -> None:
+def control(trainer, n: int, batch: int, seed: int) -> dict:
+    """The loader without the trainer's fix: accelerate's batch sharding left in place."""
+    from torch.utils.data import DataLoader
+
+    from tune_dynsdpb.sampler import PreviousBatchSampler
+
+    sampler = PreviousBatchSampler(n, batch, seed=seed)  # one chain over all the data
+    loader = trainer.accelerator.prepare(DataLoader(list(range(n)), batch_size=batch, sampler=sampler,
+                                                    drop_last=False))
+    shard = loader.batch_sampler
+    return {"rank": trainer.accelerator.process_index, "world_size": trainer.accelerator.num_processes,
+            "shard": type(shard).__name__, "shard_num_processes": getattr(shard, "num_processes", None),
+            "batches": [b.tolist() for b in loader], "unsharded": sampler.epoch_batches(0)}
+
+
+def first_step_reference(trainer, ids_key: str) -> dict:
+    """What step 1 must log, computed by hand before training: the plain cross-entropy of the
+    initial model on this rank's first batch (step 1 has no consistency term), and the norm of
+    the gradient DDP should apply, the mean over ranks of the per-rank gradients of that mean CE."""
+    import torch.nn.functional as F
+
+    batch = dict(next(iter(trainer.get_train_dataloader())))
+    ids = batch.pop(ids_key).tolist()
+    labels = batch.pop("labels")
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    ce = F.cross_entropy(model(**batch).logits, labels)
+    ce.backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    return {"ids": ids, "ce": ce.item(), "mean_grad_norm": flat.norm().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    # (named so that none is a prefix of a torch.distributed.run option: its parser would take it)
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=2e-2)  # large enough for a clearly positive term
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, out)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(args, out: Path) -> None:
+    import helpers
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               TrainerCallback)
 
@@ -82,16 +118,19 @@ def train(args) -> None:
             if logs and "loss" in logs:
                 self.logs.append(dict(logs, step=state.global_step))
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model)
+    model_dir = helpers.write_tiny_bert(out / f"model_rank{os.environ['RANK']}")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     config = DynSDPBConfig(
-        output_dir=str(Path(args.out) / "trainer"), method="dynsdpb", per_device_train_batch_size=args.batch,
-        max_steps=args.steps, use_cpu=True, ddp_backend="gloo", logging_steps=1, report_to=[],
-        save_strategy="no", learning_rate=1e-3, seed=args.seed, disable_tqdm=True)
+        output_dir=str(out / "trainer"), method="dynsdpb", per_device_train_batch_size=args.batch_size,
+        max_steps=args.max_steps, use_cpu=True, ddp_backend="gloo", logging_steps=1, report_to=[],
+        save_strategy="no", learning_rate=args.learning_rate, seed=args.seed, disable_tqdm=True)
     rec = Logs()
-    trainer = DynSDPBTrainer(model=model, args=config, train_dataset=make_classification(tok, args.n),
+    trainer = DynSDPBTrainer(model=model, args=config, train_dataset=make_classification(tok, args.samples),
                              data_collator=DataCollatorWithPadding(tok), callbacks=[rec])
     assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    rank = trainer.args.process_index
+    write(out, f"control_rank{rank}.json", control(trainer, args.samples, args.batch_size, args.seed))
 
     batches, terms = [], []
     compute_loss, stats_add = trainer.compute_loss, trainer._stats_add
@@ -106,6 +145,7 @@ def train(args) -> None:
         return stats_add(ce, term, num_items_in_batch)
 
     trainer.compute_loss, trainer._stats_add = recording_compute_loss, recording_stats_add
+    first = first_step_reference(trainer, SAMPLE_IDS)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
 
@@ -113,38 +153,19 @@ def train(args) -> None:
     digest = hashlib.sha256()
     for p in params:
         digest.update(p.numpy().tobytes())
-    changed = any(not torch.equal(a, b.cpu()) for a, b in zip(before, params))
 
-    # The trainer's own loader for two whole epochs, as the Trainer drives it (set_epoch each epoch).
+    # The trainer's own loader for two whole epochs, driven as the Trainer does (set_epoch each epoch).
     loader = trainer.get_train_dataloader()
     epochs = []
     for epoch in range(2):
         loader.set_epoch(epoch)
         epochs.append([b[SAMPLE_IDS].tolist() for b in loader])
 
-    rank = trainer.args.process_index
-    write(Path(args.out), "train", rank, {
-        "rank": rank, "world_size": trainer.args.world_size, "batches": batches, "terms": terms,
-        "logs": rec.logs, "param_sha256": digest.hexdigest(),
-        "param_checksum": float(sum(p.double().sum() for p in params)), "params_changed": changed,
-        "epochs": epochs, "global_step": trainer.state.global_step})
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["train", "control"])
-    parser.add_argument("out")
-    parser.add_argument("--model")
-    parser.add_argument("--n", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    try:
-        (train if args.mode == "train" else control)(args)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    write(out, f"train_rank{rank}.json", {
+        "rank": rank, "world_size": trainer.args.world_size, "global_step": trainer.state.global_step,
+        "batches": batches, "terms": terms, "logs": rec.logs, "first_step": first,
+        "param_sha256": digest.hexdigest(), "param_checksum": float(sum(p.double().sum() for p in params)),
+        "params_changed": any(not torch.equal(a, b) for a, b in zip(before, params)), "epochs": epochs})
 
 
 if __name__ == "__main__":

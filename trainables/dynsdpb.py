@@ -68,7 +68,7 @@ class _TuneReporter(TrainerCallback):
         self.train_log: dict = {}
         self.failed: str | None = None
         self.poison = _claim(NAN_TOKEN)
-        self.crash = _claim(CRASH_TOKEN)
+        self.crash = not self.poison and _claim(CRASH_TOKEN)  # one fault per trial
 
     def on_step_end(self, args, state, control, **kw):
         if state.global_step >= state.max_steps:  # always evaluate and checkpoint at the very end

@@ -97,7 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-target-modules", nargs="+")
     g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sweep", help="search every arm with Ray Tune + Optuna, tracked in MLflow")
+    s.add_argument("spec", nargs="?", help="sweep file (search_spaces/*.yaml); not needed with --resume")
+    s.add_argument("--data-dir", help="folder in the GLUE/SuperGLUE layout (overrides the file's data_dir)")
+    s.add_argument("--methods", nargs="+", help="arms to run (default: the file's methods)")
+    s.add_argument("--num-samples", type=int, help="trials per arm (default: the file's budget)")
+    s.add_argument("--ray-address", help="join an existing Ray cluster, e.g. 'auto' or ray://host:10001")
+    s.add_argument("--tracking-uri", help="MLflow tracking server (default: SQLite in the output folder)")
+    s.add_argument("--output-dir", type=Path, help="sweep folder (default: runs/<name>)")
+    s.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output-dir")
+    s.add_argument("--no-progress", action="store_true", help="no live table")
+    s.set_defaults(func=cmd_sweep)
     return parser
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(a.spec, output_dir=a.output_dir, data_dir=a.data_dir, methods=a.methods, num_samples=a.num_samples,
+              ray_address=a.ray_address, tracking_uri=a.tracking_uri, resume=a.resume, progress=not a.no_progress)
+    return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from .errors import UserError
 from .search_space import (SweepSpec, create_scheduler, create_searcher, load_search_space, max_reports,
                            parse_search_space, resolve_metric)
@@ -74,9 +76,20 @@ def check_resources(spec: SweepSpec, where: str) -> None:
                         f"cluster's largest node has {best.get('CPU', 0):g} CPU / {best.get('GPU', 0):g} GPU")
 
 
+def _quiet() -> None:
+    """Our live table replaces Ray's console output; keep Ray and Optuna to warnings."""
+    import optuna
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def _init_ray(address: str | None, temp_dir: str | None) -> None:
     import ray
 
+    _quiet()
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -94,8 +107,6 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
               data_dir: str | None = None, methods: list[str] | None = None, num_samples: int | None = None,
               ray_address: str | None = None, tracking_uri: str | None = None, resume: bool = False,
               progress: bool = True, ray_temp_dir: str | None = None) -> list[ArmResult]:
-    from ray import tune
-
     from trainables.dynsdpb import Job, train_dynsdpb
 
     from .data import load_task, tokenize_task
@@ -181,6 +192,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
                 trainable,
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, num_samples=spec.budget.num_samples,
+                    reuse_actors=True,  # no process start + torch/transformers import per trial
                     search_alg=create_searcher(spec, method, metric, mode, seed=spec.seed),
                     scheduler=create_scheduler(spec)),
                 run_config=tune.RunConfig(
@@ -256,35 +268,16 @@ def _keep_best_checkpoints(grid, metric: str, mode: str) -> None:
 class ProgressTable:
     """A live table of trials (arm, trial, params, latest metric, status), drawn with rich."""
 
+    current: "ProgressTable | None" = None  # the driver's table; callbacks look it up when called
+
     def __init__(self, metric: str, enabled: bool = True):
         self.metric, self.enabled = metric, enabled
         self.rows: dict[str, dict] = {}
         self._live = None
+        ProgressTable.current = self
 
-    def for_arm(self, method: str):
-        from ray import tune
-
-        table = self
-
-        class _Callback(tune.Callback):
-            def __getstate__(self):  # Tuner.restore re-creates callbacks from a pickle
-                return {}
-
-            def on_trial_start(self, iteration, trials, trial, **info):
-                table.update(method, trial, "RUNNING")
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                table.update(method, trial, "RUNNING", result)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                last = trial.last_result or {}
-                status = "FAILED" if last.get("dynsdpb_failure") else "DONE" if last.get("final") else "STOPPED"
-                table.update(method, trial, status)
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                table.update(method, trial, "ERROR")
-
-        return _Callback()
+    def for_arm(self, method: str) -> "_ProgressCallback":
+        return _ProgressCallback(method)
 
     def update(self, method, trial, status, result=None) -> None:
         if not self.enabled:
@@ -316,6 +309,31 @@ class ProgressTable:
         if self._live is not None:
             self._live.stop()
             self._live = None
+        ProgressTable.current = None
+
+
+class _ProgressCallback(tune.Callback):
+    """Feeds the driver's ProgressTable. Holds only the arm's name, so Tune can pickle it."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def _update(self, trial, status, result=None):
+        if ProgressTable.current is not None:
+            ProgressTable.current.update(self.method, trial, status, result)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._update(trial, "RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._update(trial, "RUNNING", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        self._update(trial, "FAILED" if last.get("dynsdpb_failure") else "DONE" if last.get("final") else "STOPPED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._update(trial, "ERROR")
 
 
 def _short(config: dict) -> str:

@@ -180,11 +180,17 @@ class DynSDPBTrainer(Trainer):
         self._regression = not self._causal_lm and getattr(base.config, "num_labels", 2) == 1
         if self.args.grad_norm_log_steps > 0:
             self.add_callback(_GradNormLogger(self, self.args.grad_norm_log_steps))
-        if not self._causal_lm and getattr(self, "loss_is_scaled_for_ga", None) is None:
+        if not self._causal_lm:
             # Classification/regression heads return a per-batch mean and ignore num_items_in_batch,
-            # yet accept **kwargs, so the stock Trainer would sum micro-batch means under gradient
-            # accumulation. Say so, and every method's step is the mean over its micro-batches.
-            self.loss_is_scaled_for_ga = False
+            # yet accept **kwargs. The stock Trainer would then count items for them, sum micro-batch
+            # means under gradient accumulation and, under DDP, multiply the loss by the number of
+            # processes (as if it had been divided by the item count of all ranks): CE would weigh
+            # world_size times more against the consistency term than on one process. Say the model
+            # takes no loss kwargs: every method's loss is then a per-micro-batch mean, averaged over
+            # the micro-batches by the Trainer and over the ranks by DDP.
+            self.model_accepts_loss_kwargs = False
+            if getattr(self, "loss_is_scaled_for_ga", None) is None:
+                self.loss_is_scaled_for_ga = False
 
     # -- data --------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
