@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 WORDS = (
@@ -105,3 +106,10 @@ def write_glue_dir(root: Path, n_train: int = 64, n_dev: int = 32, seed: int = 0
                         "answer": f"he has {i % 7} - 1 = {i % 7 - 1} apples left .\n#### {i % 7 - 1}"}) + "\n"
             for i in range(n)))
     return root
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,17 +6,15 @@ import math
 import os
 import pickle
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
+import helpers
+
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 ray = pytest.importorskip("ray")
 from mlflow import MlflowClient  # noqa: E402
@@ -53,23 +51,26 @@ def toy(config):
 @pytest.fixture(scope="module")
 def ray_session():
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths max ~107 chars
-    os.environ["RAY_TMPDIR"] = tmp
     # Workers cannot import this test module: ship `toy` and its globals by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files: faster
+        ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
+        yield
+        ray.shutdown()
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_arm(tracker, method, storage, space, scheduler=None, max_failures=0, name=None):
+def run_arm(tracker, method, storage, space, scheduler=None, max_failures=0, concurrent=1):
     tracker.start_arm(method)
     tuner = Tuner(
         toy,
         param_space=space,
-        tune_config=TuneConfig(metric="eval_accuracy", mode="max", scheduler=scheduler,
-                               max_concurrent_trials=1),  # sequential: ASHA decisions are deterministic
-        run_config=RunConfig(name=name or method, storage_path=str(storage),
+        tune_config=TuneConfig(metric="eval_accuracy", mode="max", scheduler=scheduler, reuse_actors=True,
+                               max_concurrent_trials=concurrent),  # 1: ASHA decisions are deterministic
+        run_config=RunConfig(name=method, storage_path=str(storage),
                              callbacks=[tracker.trial_callback(method)], verbose=0,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
@@ -94,7 +95,8 @@ def test_sqlite_sweep_structure_statuses_metrics(ray_session, tmp_path):
     asha = ASHAScheduler(max_t=ITERS, grace_period=1, reduction_factor=2)
     # Descending x, one at a time: the 2nd and 3rd trial fall below the 1st at rung 1.
     grid = run_arm(tr, "vanilla", tmp_path / "ray", {"x": tune.grid_search([0.9, 0.5, 0.1])}, asha)
-    run_arm(tr, "dynsdpb", tmp_path / "ray", {"x": tune.grid_search([0.7, -1, -2])}, max_failures=1)
+    run_arm(tr, "dynsdpb", tmp_path / "ray", {"x": tune.grid_search([0.7, -1, -2])}, max_failures=1,
+            concurrent=2)
     best = grid.get_best_result()
     best_run = tr.find_trial_run("vanilla", best.metrics["trial_id"])
     tr.record_best("vanilla", best_run, best.config, "eval_accuracy", best.metrics["eval_accuracy"])
@@ -202,55 +204,19 @@ def test_tuner_restore_reuses_trial_run(ray_session, tmp_path):
     tr2 = SweepTracker(uri, "exp", "sw3")
     tr2.start_sweep({})
     tr2.start_arm("dlb")
-    Tuner.restore(str(tmp_path / "ray" / "dlb"), toy, restart_errored=True).fit()
-    print([(r.data.tags, r.info.status) for r in tr2.trial_runs("dlb")])
+    # resume_errored keeps the trial id (restart_errored would make a new trial, hence a new run).
+    Tuner.restore(str(tmp_path / "ray" / "dlb"), toy, resume_errored=True).fit()
     (again,) = tr2.trial_runs("dlb")
     assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
     steps = {m.step for m in MlflowClient(uri).get_metric_history(again.info.run_id, "eval_accuracy")}
     assert steps == set(range(ITERS))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    d, port = tmp_path_factory.mktemp("srv"), _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{d}/s.db", "--artifacts-destination", str(d / "art"),
-           "--workers", "1"]
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=d)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("mlflow server did not start:\n" + (d / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
 def test_sweep_through_mlflow_server(ray_session, mlflow_server, tmp_path):
     check_tracking_uri(mlflow_server)
     tr = SweepTracker(mlflow_server, "srv-exp", "sw4")
     parent = tr.start_sweep({"task": "rte"})
-    run_arm(tr, "vanilla", tmp_path / "ray", {"x": tune.grid_search([0.2, 0.4])})
+    run_arm(tr, "vanilla", tmp_path / "ray", {"x": tune.grid_search([0.2, 0.4])}, concurrent=2)
     tr.finish_sweep()
     runs = tr.trial_runs("vanilla")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
@@ -261,7 +227,7 @@ def test_sweep_through_mlflow_server(ray_session, mlflow_server, tmp_path):
 
 
 def test_check_tracking_uri_errors(tmp_path):
-    port = _free_port()  # bound then released: nothing listens there
+    port = helpers.free_port()  # bound then released: nothing listens there
     t0 = time.time()
     with pytest.raises(UserError, match=f"http://127.0.0.1:{port}") as e:
         check_tracking_uri(f"http://127.0.0.1:{port}", timeout=2)

@@ -29,7 +29,7 @@ from typing import Any
 from ray import tune
 
 from .errors import UserError
-from .search_space import (SweepSpec, create_scheduler, create_searcher, load_search_space, max_reports,
+from .search_space import (SweepSpec, create_scheduler, create_searcher, load_search_space,
                            parse_search_space, resolve_metric)
 
 STATE = "sweep.json"

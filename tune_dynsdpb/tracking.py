@@ -32,12 +32,14 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
@@ -61,6 +63,11 @@ TAG_ERROR = "tune_dynsdpb.error"
 _SKIP_KEYS = {"config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp",
               "checkpoint_dir_name", "should_checkpoint", "done", "experiment_tag"}
 _MAX_KEY, _MAX_PARAM, _MAX_TAG = 250, 6000, 8000
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")  # MLflow rejects a whole batch over one bad key
+
+
+def _key(k: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", k)[:_MAX_KEY]
 
 
 def default_tracking_uri(output_dir) -> str:
@@ -80,10 +87,13 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Raise :class:`UserError` naming ``uri`` when the tracking store cannot be used."""
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
+        base = uri.rstrip("/")
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-                if r.status != 200:
-                    raise OSError(f"/health answered HTTP {r.status}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=timeout).close()
+            except urllib.error.HTTPError:  # no /health there (a proxy, a prefix): ask the API
+                urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/search?max_results=1",
+                                       timeout=timeout).close()
         except Exception as e:  # noqa: BLE001 - any failure means "unreachable"
             raise UserError(f"MLflow tracking URI {uri} is unreachable: {_one_line(e)}") from None
         return
@@ -136,7 +146,7 @@ def _params(d: dict) -> dict[str, str]:
                 s = json.dumps(v)  # between restarts and MLflow refuses to change a param
             except (TypeError, ValueError):
                 continue
-        out[k[:_MAX_KEY]] = s[:_MAX_PARAM]
+        out[_key(k)] = s[:_MAX_PARAM]
     return out
 
 
@@ -145,7 +155,8 @@ def _filter(tags: dict) -> str:
 
 
 def _find_or_create(client: MlflowClient, exp_id: str, ident: dict, extra: dict, name: str) -> str:
-    found = client.search_runs([exp_id], _filter(ident), max_results=1, order_by=["attributes.start_time ASC"])
+    found = client.search_runs([exp_id], _filter(ident), max_results=1,
+                               order_by=["attributes.start_time ASC"])  # the oldest, if ever two
     if found:
         return found[0].info.run_id
     return client.create_run(exp_id, tags={**ident, **extra}, run_name=name).info.run_id
@@ -240,10 +251,10 @@ class SweepTracker:
         if trial_run_id:
             parent_tags.append(RunTag(f"best.{method}.run_id", trial_run_id))
             arm_tags.append(RunTag("best.run_id", trial_run_id))
-        self.client.log_batch(self.parent_run_id, metrics=[Metric(f"best_{method}_{metric}", float(value), now, 0)],
-                              tags=parent_tags)
-        self.client.log_batch(self._arm_run_id(method), metrics=[Metric(f"best_{metric}", float(value), now, 0)],
-                              tags=arm_tags)
+        self.client.log_batch(self.parent_run_id, tags=parent_tags,
+                              metrics=[Metric(f"best_{method}_{metric}", float(value), now, 0)])
+        self.client.log_batch(self._arm_run_id(method), tags=arm_tags,
+                              metrics=[Metric(f"best_{metric}", float(value), now, 0)])
 
     def finish_arm(self, method: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(self._arm_run_id(method), status)
@@ -302,7 +313,7 @@ class MLflowTrialCallback(Callback):
         metrics = []
         for k, v in _flatten({k: v for k, v in result.items() if k not in _SKIP_KEYS}, sep="/").items():
             if isinstance(v, numbers.Real):  # bools too; NaN/inf are kept
-                metrics.append(Metric(k[:_MAX_KEY], float(v), now, step))
+                metrics.append(Metric(_key(k), float(v), now, step))
         run_id = self._run_id(trial)
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
@@ -332,28 +343,22 @@ class MLflowTrialCallback(Callback):
 
 
 def _error_line(trial) -> str:
-    """The user's exception as 'Type: message', not Ray's wrapper header. The error files sit
-    in the trial's local driver folder first (synced to storage later), so read those first."""
-    err = None
+    """The user's exception as 'Type: message', not Ray's wrapper header. Error files land in
+    the trial's local driver folder first (synced to storage later), so read those first."""
     try:
-        if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
-            with open(trial.pickled_error_file, "rb") as f:
+        local = trial.pickled_error_file
+        if local and os.path.exists(local):
+            with open(local, "rb") as f:
                 err = ray_pickle.load(f)
         else:
             err = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001 - fall back to the text
-        pass
-    cause = getattr(err, "cause", None) or err
-    if cause is not None:
-        msg = str(cause).strip()
-        return f"{type(cause).__name__}: {msg.splitlines()[0] if msg else ''}".rstrip(": ")
-    try:
-        if trial.error_file and os.path.exists(trial.error_file):
-            text = Path(trial.error_file).read_text(errors="replace")
-        else:
-            text = trial.get_error() or ""
-    except Exception:  # noqa: BLE001
+        cause = getattr(err, "cause", None) or err  # RayTaskError wraps the user's exception
+        if cause is not None:
+            first = (str(cause).strip().splitlines() or [""])[0]
+            return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+        local = trial.error_file
+        text = Path(local).read_text(errors="replace") if local and os.path.exists(local) else trial.get_error()
+    except Exception:  # noqa: BLE001 - never let error reporting crash the driver
         text = ""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    # The traceback's last line is the exception itself ("ValueError: boom").
-    return lines[-1] if lines else "unknown error"
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"  # a traceback ends with "ValueError: boom"
