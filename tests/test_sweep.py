@@ -152,8 +152,9 @@ def test_crash_is_retried_from_checkpoint_and_nan_fails_only_its_trial(ray_sessi
     assert steps == sorted(set(steps)) and retried[0].data.metrics["final"] == 1.0
 
 
-def test_kill_and_resume_runs_exactly_the_budget(tiny_bert, data_dir, tmp_path):
-    """Kill the sweep process mid-way, resume it: every budgeted trial has exactly one MLflow run."""
+def test_interrupt_and_resume_runs_exactly_the_budget(tiny_bert, data_dir, tmp_path):
+    """Ctrl-C the sweep mid-way, resume it: every budgeted trial has exactly one MLflow run.
+    (Tune returns early on SIGINT; the arm must not be taken as done.)"""
     spec = spec_file(tmp_path, tiny_bert, name="resume", methods=["dlb", "dynsdpb"], num_samples=3)
     out = tmp_path / "sweep"
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp")}
@@ -177,8 +178,14 @@ def test_kill_and_resume_runs_exactly_the_budget(tiny_bert, data_dir, tmp_path):
         else:
             pytest.fail("no trial finished in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            assert proc.wait(timeout=120) == 130
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind
+            proc.wait()
+    state = json.loads((out / "sweep.json").read_text())
+    assert [a["status"] for a in state["arms"].values()].count("done") < 2
     code = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", "--resume", "--output-dir", str(out),
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
     assert code.returncode == 0, code.stderr[-3000:]

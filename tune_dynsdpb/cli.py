@@ -109,7 +109,64 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output-dir")
     s.add_argument("--no-progress", action="store_true", help="no live table")
     s.set_defaults(func=cmd_sweep)
+
+    c = sub.add_parser("compare", help="re-run each arm's best config over seeds; report with paired tests")
+    c.add_argument("sweep_dir", type=Path, help="the sweep's --output-dir")
+    c.add_argument("--seeds", type=int, default=5, help="runs per arm, seeds spec.seed .. spec.seed+K-1 (default 5)")
+    c.add_argument("--budget", choices=["epochs", "compute"], default="epochs",
+                   help="epochs: each best config's epochs; compute: vanilla's doubled (equal sample-passes)")
+    c.add_argument("--methods", nargs="+", help="arms to re-run (default: every arm with a finished trial)")
+    c.add_argument("--grad-norm-steps", type=int, help="log per-layer gradient norms every N steps "
+                                                       "(default: at every evaluation; 0: off)")
+    c.add_argument("--ray-address", help="join an existing Ray cluster, e.g. 'auto'")
+    c.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser("export", help="register the sweep's best models in MLflow, or write one as a HF folder",
+                       description="tune-dynsdpb export SWEEP_DIR --name NAME [--arm ARM] | "
+                                   "tune-dynsdpb export --model models:/NAME@champion --out DIR")
+    e.add_argument("sweep_dir", nargs="?", type=Path, help="the sweep's --output-dir (to register its models)")
+    e.add_argument("--name", help="registered model name in the MLflow Model Registry")
+    e.add_argument("--arm", help="make this arm's best the champion (default: the best score of all arms)")
+    e.add_argument("--model", help="a model URI to write out, e.g. models:/NAME@champion")
+    e.add_argument("--out", type=Path, help="with --model: new (or empty) folder for the Hugging Face files")
+    e.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the sweep's; with --model: "
+                                          "$MLFLOW_TRACKING_URI)")
+    e.set_defaults(func=cmd_export)
     return parser
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    report = run_compare(a.sweep_dir, seeds=a.seeds, budget=a.budget, methods=a.methods, ray_address=a.ray_address,
+                         grad_norm_steps=a.grad_norm_steps)
+    print(f"report: {report / 'report.md'} and {report / 'report.html'}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_folder, export_sweep
+
+    if a.model is not None:
+        if a.sweep_dir is not None or a.name or a.arm:
+            raise UserError("--model: writes a registered model out; give it with --out only "
+                            "(no SWEEP_DIR, --name or --arm)")
+        if a.out is None:
+            raise UserError("--model: needs --out DIR")
+        out = export_folder(a.model, a.out, tracking_uri=a.tracking_uri)
+        print(f"{a.model} -> {out}")
+        return 0
+    if a.sweep_dir is None or not a.name:
+        raise UserError("export: give SWEEP_DIR --name NAME, or --model URI --out DIR")
+    if a.out is not None:
+        raise UserError("--out: only with --model")
+    done = export_sweep(a.sweep_dir, a.name, arm=a.arm, tracking_uri=a.tracking_uri)
+    champion = done.pop("champion")
+    done.pop("run_id")
+    for arm, version in done.items():
+        print(f"{a.name} version {version}: {arm} (alias best-{arm}{', champion' if arm == champion else ''})")
+    print(f"load it with: models:/{a.name}@champion")
+    return 0
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
@@ -166,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as e:
         return fail(str(e))
-    except KeyboardInterrupt:
-        print("tune-dynsdpb: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"tune-dynsdpb: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -204,6 +204,11 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
         arm_state["status"] = "running"
         _write_json(out / STATE, state)
         grid = tuner.fit()
+        if not _complete(grid, spec.budget.num_samples):  # Ctrl-C: Tune returns early, state saved
+            _write_json(out / STATE, state)
+            table.close()
+            raise KeyboardInterrupt(f"sweep interrupted during arm {method!r}; continue it with "
+                                    f"tune-dynsdpb sweep --resume --output-dir {out}")
         best = _best(grid, method, metric, mode)
         _keep_best_checkpoints(grid, metric, mode)
         if best.trial_id:
@@ -229,8 +234,10 @@ def _trial_resources(spec: SweepSpec):
     return create_trial_resources(r.cpus_per_trial, r.gpus_per_trial, r.workers_per_trial)
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+def _complete(grid, budget: int) -> bool:
+    """Whether every budgeted trial of the arm has ended (finished, stopped or failed)."""
+    trials = grid._experiment_analysis.trials
+    return len(trials) >= budget and all(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _best(grid, method: str, metric: str, mode: str) -> ArmResult:
