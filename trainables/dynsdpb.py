@@ -76,8 +76,13 @@ class _TuneReporter(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
+        # per-layer gradient norms (grad_norm_log_steps) arrive in logs of their own: the latest
+        # values ride along with every later report
+        grads = {k: v for k, v in (logs if "loss" not in logs else self.train_log).items()
+                 if k.startswith("grad_norm/") and isinstance(v, (int, float))}
+        self.train_log.update(grads)
         if "loss" in logs:
-            self.train_log = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            self.train_log = {**grads, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             if self.poison and state.global_step >= 2:
                 self.train_log["loss"] = float("nan")
             if not math.isfinite(self.train_log["loss"]):

@@ -1,0 +1,316 @@
+"""`tune-dynsdpb compare` and `tune-dynsdpb export` on one tiny real sweep (Ray, MLflow SQLite, registry).
+
+One module-scoped sweep (3 arms x 2 trials, metric eval_loss so that seeds give different numbers)
+feeds every test; the CLI runs in-process (``cli.main``), so Ray is started once.
+"""
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from test_sweep import spec_file
+from tune_dynsdpb.cli import main
+from tune_dynsdpb.compare import cohens_dz, final_configs, paired_test, summarize
+
+pytestmark = pytest.mark.slow
+METRIC = "eval_loss"
+ARMS = ("vanilla", "dlb", "dynsdpb")
+
+
+# -- statistics on hand numbers ------------------------------------------------------------------
+def test_summarize_matches_hand_numbers_and_scipy():
+    s = summarize([0.70, 0.72, 0.74])
+    assert s.n == 3 and s.mean == pytest.approx(0.72) and s.std == pytest.approx(0.02)
+    half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t_{0.975, 2}
+    assert (s.ci_low, s.ci_high) == pytest.approx((0.72 - half, 0.72 + half))
+    ref = stats.t.interval(0.95, 2, loc=0.72, scale=stats.sem([0.70, 0.72, 0.74]))
+    assert (s.ci_low, s.ci_high) == pytest.approx(ref)
+    one = summarize([0.5])
+    assert one.n == 1 and one.mean == 0.5 and math.isnan(one.std) and math.isnan(one.ci_low)
+    assert summarize([]).n == 0
+
+
+def test_paired_test_matches_hand_numbers_and_scipy():
+    a, b = [0.70, 0.72, 0.74], [0.68, 0.71, 0.70]
+    p = paired_test(a, b)
+    d = np.array([0.02, 0.01, 0.04])
+    sd = math.sqrt(((d - d.mean()) ** 2).sum() / 2)
+    assert p.n == 3 and p.mean_diff == pytest.approx(0.07 / 3) and p.sd_diff == pytest.approx(sd)
+    assert p.d_z == pytest.approx((0.07 / 3) / sd) == pytest.approx(1.5275252, rel=1e-6)
+    ref = stats.ttest_rel(a, b)
+    assert p.t == pytest.approx(ref.statistic) == pytest.approx(p.d_z * math.sqrt(3))
+    assert p.p_ttest == pytest.approx(ref.pvalue)
+    assert p.p_wilcoxon is None  # n < 5
+    a5, b5 = [0.7, 0.72, 0.74, 0.69, 0.75], [0.68, 0.71, 0.70, 0.70, 0.71]
+    assert paired_test(a5, b5).p_wilcoxon == pytest.approx(stats.wilcoxon(np.subtract(a5, b5)).pvalue)
+    assert cohens_dz([0.5, 0.5, 0.5]) == math.inf and cohens_dz([-0.25, -0.25]) == -math.inf  # equal, non-zero
+    assert math.isnan(cohens_dz([0.0, 0.0])) and math.isnan(cohens_dz([1.0]))
+    with pytest.raises(ValueError):
+        paired_test([1, 2], [1])
+
+
+def test_final_configs_double_vanilla_epochs_only_for_compute():
+    best = {"vanilla": {"method": "vanilla", "num_train_epochs": 1}, "dlb": {"method": "dlb", "num_train_epochs": 1}}
+    epochs = final_configs(best, [0, 1], "epochs")
+    assert [(c["method"], c["seed"], c["num_train_epochs"]) for c in epochs] == [
+        ("vanilla", 0, 1), ("vanilla", 1, 1), ("dlb", 0, 1), ("dlb", 1, 1)]
+    compute = final_configs(best, [3], "compute")
+    assert [(c["method"], c["seed"], c["num_train_epochs"]) for c in compute] == [("vanilla", 3, 2.0), ("dlb", 3, 1)]
+    assert final_configs({"vanilla": {"method": "vanilla"}}, [0], "compute")[0]["num_train_epochs"] == 6.0
+
+
+# -- one tiny sweep for everything below ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def sweep(tiny_bert, data_dir, tmp_path_factory):
+    import ray
+
+    from tune_dynsdpb.sweep import run_sweep
+
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp
+    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
+    root = tmp_path_factory.mktemp("cmp")
+    out = root / "sweep"
+    run_sweep(spec_file(root, tiny_bert, name="cmp", num_samples=2, metric="loss", mode="min"), output_dir=out,
+              data_dir=str(data_dir), progress=False)
+    yield out
+    ray.shutdown()
+
+
+def client(out: Path):
+    from mlflow import MlflowClient
+    uri = f"sqlite:///{out}/mlflow.db"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def runs_with(c, **tags):
+    exp = c.get_experiment_by_name("cmp")
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return c.search_runs([exp.experiment_id], where, max_results=1000)
+
+
+def state_of(out: Path) -> dict:
+    return json.loads((out / "sweep.json").read_text())
+
+
+def rejected(capsys, argv, *needles):
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err, err
+    assert err[-1].startswith("tune-dynsdpb: error:") and len(err) == 1, err
+    for n in needles:
+        assert n in err[-1], (n, err[-1])
+    return err[-1]
+
+
+def test_compare_epochs_report_matches_mlflow(sweep, capsys):
+    assert main(["compare", str(sweep), "--seeds", "2", "--budget", "epochs"]) == 0
+    report = sweep / "report-epochs"
+    names = {p.name for p in report.iterdir()}
+    assert {"report.md", "report.html", "finals.json", "eval_curve.png", "alpha_tau.png", "best_so_far.png",
+            "grad_norms.png"} <= names
+    assert not list(sweep.glob(".report-epochs.partial-*"))
+    md, html = (report / "report.md").read_text(), (report / "report.html").read_text()
+    assert "epochs" in md and "<table>" in html and '<img src="eval_curve.png"' in html
+    summary = json.loads((report / "finals.json").read_text())
+
+    # MLflow: one finals run under the parent, 3 arms x 2 seeds of trial runs under it, with method + seed
+    c = client(sweep)
+    parent = state_of(sweep)["parent_run_id"]
+    (finals,) = runs_with(c, **{"tune_dynsdpb.arm": "finals-epochs", "tune_dynsdpb.role": "arm"})
+    assert finals.data.tags["mlflow.parentRunId"] == parent and finals.info.run_id == summary["finals_run_id"]
+    trials = runs_with(c, **{"tune_dynsdpb.arm": "finals-epochs", "tune_dynsdpb.role": "trial"})
+    assert sorted((r.data.params["method"], r.data.params["seed"]) for r in trials) == sorted(
+        (m, s) for m in ARMS for s in ("0", "1"))
+    assert all(r.data.tags["mlflow.parentRunId"] == finals.info.run_id and r.info.status == "FINISHED" for r in trials)
+    assert all(any(k.startswith("grad_norm/layer_") for k in r.data.metrics) for r in trials)  # reached the reports
+    assert all("alpha_mean" in r.data.metrics for r in trials if r.data.params["method"] == "dynsdpb")
+
+    # the table's numbers, recomputed from the MLflow runs (the last eval of each seed)
+    scores = {m: {int(r.data.params["seed"]): r.data.metrics[METRIC] for r in trials if r.data.params["method"] == m}
+              for m in ARMS}
+    for m in ARMS:
+        values = [scores[m][s] for s in (0, 1)]
+        arm = summary["arms"][m]
+        assert arm["n"] == 2 and arm["mean"] == pytest.approx(np.mean(values))
+        assert arm["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+        lo, hi = stats.t.interval(0.95, 1, loc=np.mean(values), scale=stats.sem(values)) if np.std(values) else (
+            np.mean(values),) * 2
+        assert (arm["ci_low"], arm["ci_high"]) == pytest.approx((lo, hi))
+        row = next(line for line in md.splitlines() if line.startswith(f"| {m} | 2 |"))
+        assert f"{np.mean(values):.4f}" in row
+        passes = [r.data.metrics["sample_passes"] for r in trials if r.data.params["method"] == m]
+        assert arm["sample_passes_mean"] == pytest.approx(np.mean(passes))
+    for other in ("dlb", "vanilla"):
+        diffs = [scores["dynsdpb"][s] - scores[other][s] for s in (0, 1)]
+        p = summary["paired"][f"dynsdpb-{other}"]
+        assert p["diffs"] == pytest.approx(diffs) and p["mean_diff"] == pytest.approx(np.mean(diffs))
+        if np.std(diffs):
+            ref = stats.ttest_rel([scores["dynsdpb"][s] for s in (0, 1)], [scores[other][s] for s in (0, 1)])
+            assert p["p_ttest"] == pytest.approx(ref.pvalue)
+            assert p["d_z"] == pytest.approx(np.mean(diffs) / np.std(diffs, ddof=1))
+        assert f"dynsdpb − {other}" in md
+    # epochs budget: DLB-style arms make twice vanilla's sample-passes
+    arms = summary["arms"]
+    assert arms["dlb"]["sample_passes_mean"] == pytest.approx(2 * arms["vanilla"]["sample_passes_mean"])
+    # the report is an artifact of the parent run
+    logged = {Path(a.path).name for a in c.list_artifacts(parent, "report-epochs")}
+    assert {"report.md", "report.html", "eval_curve.png"} <= logged
+
+    # a second run of the same budget is refused, the report stays
+    rejected(capsys, ["compare", str(sweep), "--budget", "epochs"], "report-epochs", "already exists")
+
+
+def test_compare_compute_budget_equalizes_sample_passes(sweep):
+    assert main(["compare", str(sweep), "--seeds", "1", "--budget", "compute", "--methods", "vanilla", "dynsdpb"]) == 0
+    summary = json.loads((sweep / "report-compute" / "finals.json").read_text())
+    best = {m: a["best"]["config"] for m, a in state_of(sweep)["arms"].items()}
+    by_arm = {t["method"]: t for t in summary["trials"]}
+    assert set(by_arm) == {"vanilla", "dynsdpb"}
+    assert by_arm["vanilla"]["num_train_epochs"] == 2 * best["vanilla"]["num_train_epochs"]
+    assert by_arm["dynsdpb"]["num_train_epochs"] == best["dynsdpb"]["num_train_epochs"]
+    batch = best["vanilla"]["per_device_train_batch_size"]
+    assert abs(by_arm["vanilla"]["sample_passes"] - by_arm["dynsdpb"]["sample_passes"]) <= batch
+    assert "**compute**" in (sweep / "report-compute" / "report.md").read_text()
+    trials = runs_with(client(sweep), **{"tune_dynsdpb.arm": "finals-compute", "tune_dynsdpb.role": "trial"})
+    passes = {r.data.params["method"]: r.data.metrics["sample_passes"] for r in trials}
+    assert abs(passes["vanilla"] - passes["dynsdpb"]) <= batch
+
+
+def test_compare_bad_input(sweep, tmp_path, capsys):
+    rejected(capsys, ["compare", str(tmp_path)], "holds no sweep")
+    rejected(capsys, ["compare", str(sweep), "--methods", "dlb", "sdpb"], "sdpb")
+    unfinished = fake_sweep(sweep, tmp_path / "unfinished")
+    rejected(capsys, ["compare", str(unfinished)], "has no finished trial")
+
+
+def fake_sweep(sweep: Path, where: Path) -> Path:
+    """A copy of the sweep's state with no scored trial, sharing its tracking store."""
+    where.mkdir()
+    state = state_of(sweep)
+    for arm in state["arms"].values():
+        arm["best"]["score"] = None
+    (where / "sweep.json").write_text(json.dumps(state))
+    return where
+
+
+# -- export ---------------------------------------------------------------------------------------
+def winner(state: dict) -> str:
+    scored = {m: a["best"]["score"] for m, a in state["arms"].items()}
+    return min(scored, key=scored.get)  # eval_loss: lower is better
+
+
+def test_export_registers_every_arm_and_loads_back(sweep, tmp_path, capsys):
+    import mlflow
+    import transformers
+
+    from tune_dynsdpb.export import _tracking
+
+    assert main(["export", str(sweep), "--name", "tiny-rte"]) == 0
+    c, state = client(sweep), state_of(sweep)
+    model = c.get_registered_model("tiny-rte")
+    assert model.tags["tune_dynsdpb.task"] == "rte"
+    assert set(model.aliases) == {"champion", "best-vanilla", "best-dlb", "best-dynsdpb"}
+    champion = c.get_model_version_by_alias("tiny-rte", "champion")
+    assert champion.tags["tune_dynsdpb.arm"] == winner(state)
+    assert champion.version == model.aliases[f"best-{winner(state)}"]
+    for m in ARMS:
+        v = c.get_model_version_by_alias("tiny-rte", f"best-{m}")
+        best = state["arms"][m]["best"]
+        assert v.tags["tune_dynsdpb.arm"] == m and v.tags["tune_dynsdpb.sweep_id"] == state["sweep_id"]
+        assert v.tags["tune_dynsdpb.metric"] == METRIC
+        assert float(v.tags["tune_dynsdpb.metric_value"]) == pytest.approx(best["score"])
+        assert v.tags["tune_dynsdpb.seed"] == "0" and v.tags["tune_dynsdpb.task"] == "rte"
+        assert "RTE" in v.tags["tune_dynsdpb.data_source"]
+    assert len({model.aliases[f"best-{m}"] for m in ARMS}) == 3  # one version per arm
+
+    uri = f"sqlite:///{sweep}/mlflow.db"
+    with _tracking(uri):
+        pipe = mlflow.transformers.load_model("models:/tiny-rte@champion")
+        info = mlflow.models.get_model_info("models:/tiny-rte@champion")
+    pred = pipe({"text": "the story was told", "text_pair": "a good movie"})
+    pred = pred[0] if isinstance(pred, list) else pred
+    assert pred["label"] in ("entailment", "not_entailment")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    assert "huggingface.co" not in json.dumps(info.flavors)
+
+    out = tmp_path / "hf"
+    assert main(["export", "--model", "models:/tiny-rte@champion", "--out", str(out), "--tracking-uri", uri]) == 0
+    assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+    local = transformers.pipeline("text-classification", model=str(out))
+    assert local({"text": "the story was told", "text_pair": "a good movie"})["label"] == pred["label"]
+
+    # the folder is not empty now: refused, untouched
+    before = sorted(p.name for p in out.iterdir())
+    rejected(capsys, ["export", "--model", "models:/tiny-rte@champion", "--out", str(out), "--tracking-uri", uri],
+             "--out", "not empty")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def registered(c, name) -> bool:
+    from mlflow.exceptions import MlflowException
+    try:
+        c.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def test_export_picks_the_winner_mode_aware_or_the_arm_asked_for(sweep):
+    from tune_dynsdpb.export import _candidates
+
+    state = state_of(sweep)
+    assert _candidates(state, None, "x")[1] == winner(state)
+    assert _candidates(state, "dlb", "x")[1] == "dlb"
+    flipped = {**state, "mode": "max"}
+    scored = {m: a["best"]["score"] for m, a in state["arms"].items()}
+    assert _candidates(flipped, None, "x")[1] == max(scored, key=scored.get)
+
+
+def test_export_bad_input_registers_nothing(sweep, tmp_path, capsys):
+    c = client(sweep)
+    exports = len(runs_with(c, **{"tune_dynsdpb.role": "export"}))
+    rejected(capsys, ["export", str(fake_sweep(sweep, tmp_path / "u")), "--name", "never"], "has no finished trial")
+    rejected(capsys, ["export", str(sweep), "--name", "never", "--arm", "sdpb"], "--arm", "sdpb")
+    assert not registered(c, "never")
+    c.create_registered_model("sst2-model", tags={"tune_dynsdpb.task": "sst2"})
+    rejected(capsys, ["export", str(sweep), "--name", "sst2-model"], "sst2-model", "sst2", "rte")
+    assert not c.search_model_versions("name = 'sst2-model'")
+    assert len(runs_with(c, **{"tune_dynsdpb.role": "export"})) == exports  # nothing logged either
+    rejected(capsys, ["export", "--model", "models:/x@champion"], "--out")
+
+
+def test_export_failing_midway_deletes_what_it_registered(sweep, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tune_dynsdpb.export import export_sweep
+
+    real, calls = MlflowClient.create_model_version, []
+
+    def flaky(self, *args, **kwargs):  # the second registration fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise MlflowException("registry went away")
+        return real(self, *args, **kwargs)
+
+    c = client(sweep)
+    monkeypatch.setattr(MlflowClient, "create_model_version", flaky)
+    with pytest.raises(MlflowException, match="went away"):
+        export_sweep(sweep, "half")  # a new name: the model goes too
+    assert len(calls) == 2 and not registered(c, "half") and not c.search_model_versions("name = 'half'")
+    # an existing model (from test_export_registers_every_arm_and_loads_back) keeps versions and aliases
+    versions = {v.version for v in c.search_model_versions("name = 'tiny-rte'")}
+    aliases = c.get_registered_model("tiny-rte").aliases
+    calls.clear()
+    with pytest.raises(MlflowException, match="went away"):
+        export_sweep(sweep, "tiny-rte")
+    assert {v.version for v in c.search_model_versions("name = 'tiny-rte'")} == versions
+    assert c.get_registered_model("tiny-rte").aliases == aliases

@@ -1,0 +1,276 @@
+"""``tune-dynsdpb export``: a sweep's best models into the MLflow Model Registry, and back out.
+
+``export_sweep`` logs the best trial of each arm (weights and tokenizer from its checkpoint, no hub
+references) with ``mlflow.transformers.log_model`` in one MLflow run under the sweep's parent, and
+registers each as a version of one registered model:
+
+* alias ``best-<arm>`` on each arm's version, ``champion`` on the winner (the best score, mode-aware,
+  or the ``--arm`` asked for);
+* version tags: sweep id, arm, metric name and value, seed, trial, task and data source;
+* the registered model carries the task (``tune_dynsdpb.task``); exporting another task into the
+  same name is refused before anything is logged.
+
+If registration fails midway, the versions made so far (and the registered model, if this export
+created it) are deleted and the aliases put back before the error is raised.
+
+``export_folder`` writes a registered model (``models:/NAME@champion``) as a plain Hugging Face
+folder that ``transformers.pipeline()`` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+TAG_TASK = "tune_dynsdpb.task"
+ALIAS_CHAMPION = "champion"
+
+
+@contextlib.contextmanager
+def _tracking(uri: str | None):
+    """Points MLflow's fluent API (tracking and registry) at ``uri`` for the block, then puts back
+    what was there before, environment variables included (``set_*_uri`` export them)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    if uri is None:
+        yield
+        return
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = tracking._tracking_uri, registry._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry._registry_uri = saved[1]
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def pipeline_task(kind: str) -> str:
+    """The transformers pipeline task of a task kind (regression heads are text-classification too)."""
+    return "text-generation" if kind == "causal_lm" else "text-classification"
+
+
+def input_example(task, n: int = 2) -> list:
+    """``n`` real rows of the task's eval text: strings, or ``{"text", "text_pair"}`` for pairs."""
+    rows = task.eval.select(range(min(n, len(task.eval))))
+    if task.kind == "causal_lm":
+        return [r["prompt"] for r in rows]
+    fields = task.text_fields
+    if len(fields) == 1:
+        return [r[fields[0]] for r in rows]
+    return [{"text": r[fields[0]], "text_pair": r[fields[1]]} for r in rows]
+
+
+def load_checkpoint(path: str | Path, task, model_path: str):
+    """(model, tokenizer) from a trial's HF Trainer checkpoint; LoRA adapters merged into the base."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        from .run import load_model
+
+        base, tokenizer = load_model(model_path, task)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    else:
+        cls = AutoModelForCausalLM if task.kind == "causal_lm" else AutoModelForSequenceClassification
+        model = cls.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model.eval(), tokenizer
+
+
+def _candidates(state: dict, arm: str | None, where: str) -> tuple[dict[str, dict], str]:
+    """Each arm's best (arms with a score only) and the winner's name."""
+    arms = state.get("arms", {})
+    scored = {m: a["best"] for m, a in arms.items() if (a.get("best") or {}).get("score") is not None}
+    if not scored:
+        raise UserError(f"{where}: the sweep has no finished trial; nothing to export")
+    if arm is not None:
+        if arm not in arms:
+            raise UserError(f"--arm: the sweep has no arm {arm!r} (arms: {', '.join(arms) or 'none'})")
+        if arm not in scored:
+            raise UserError(f"--arm: arm {arm!r} of the sweep has no finished trial")
+        return scored, arm
+    pick = max if state["mode"] == "max" else min
+    return scored, pick(scored, key=lambda m: scored[m]["score"])
+
+
+def _check_name(client, name: str, task: str) -> bool:
+    """Refuses a registered model of another task; returns whether ``name`` exists already."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise UserError(f"--name: {name!r}: {_one_line(e)}") from None
+    have = model.tags.get(TAG_TASK)
+    if have is None and client.search_model_versions(f"name = '{name}'", max_results=1):
+        raise UserError(f"--name: registered model {name!r} already holds models of an unknown task "
+                        f"(no {TAG_TASK} tag); pick another name")
+    if have is not None and have != task:
+        raise UserError(f"--name: registered model {name!r} holds {have} models; this sweep's task is {task}")
+    return True
+
+
+def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """Registers each arm's best model as a version of ``name``; returns {arm: version, "champion": arm}."""
+    import mlflow
+    import transformers
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from .data import load_task
+    from .search_space import parse_search_space
+    from .sweep import load_sweep_state
+    from .tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP, SweepTracker, check_tracking_uri
+
+    out = Path(sweep_dir).resolve()
+    state = load_sweep_state(out)
+    if not name or "'" in name or '"' in name:
+        raise UserError(f"--name: give a registry name without quotes (got {name!r})")
+    best, winner = _candidates(state, arm, str(out))
+    for m, b in best.items():
+        if not b.get("checkpoint") or not Path(b["checkpoint"]).is_dir():
+            raise UserError(f"{out}: the best checkpoint of arm {m!r} is missing: {b.get('checkpoint')}")
+    uri = tracking_uri or state["tracking_uri"]
+    check_tracking_uri(uri)
+    spec = parse_search_space(state["spec"], state["spec_path"])
+    task = load_task(spec.task, state["data_dir"], max_train_samples=spec.max_train_samples,
+                     max_eval_samples=spec.max_eval_samples, seed=spec.seed)
+    client = MlflowClient(uri, registry_uri=uri)
+    existed = _check_name(client, name, task.name)  # before anything is logged
+
+    tracker = SweepTracker(uri, spec.name, state["sweep_id"])
+    ptask = pipeline_task(task.kind)
+    model_config = {"function_to_apply": "none"} if task.kind == "regression" else None
+    example = input_example(task)
+    reqs = [f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
+            f"torch=={__import__('torch').__version__.split('+')[0]}"]
+    run = client.create_run(tracker.experiment_id, run_name=f"export-{name}",
+                            tags={TAG_SWEEP: state["sweep_id"], TAG_ROLE: "export",
+                                  **({TAG_PARENT: state["parent_run_id"]} if state.get("parent_run_id") else {})})
+    run_id = run.info.run_id
+    created: list[str] = []
+    logged: list[str] = []
+    aliases = {f"best-{m}": m for m in best} | {ALIAS_CHAMPION: winner}
+    before: dict[str, str] = {}
+    try:
+        with _tracking(uri):
+            if not existed:
+                client.create_registered_model(name, tags={TAG_TASK: task.name, "tune_dynsdpb.pipeline_task": ptask})
+            else:  # same task (checked above), or an empty model without the tag yet
+                client.set_registered_model_tag(name, TAG_TASK, task.name)
+            versions = {}
+            for m, b in best.items():
+                model, tokenizer = load_checkpoint(b["checkpoint"], task, state["model_path"])
+                output = _predict(transformers.pipeline(ptask, model=model, tokenizer=tokenizer), example,
+                                  model_config)
+                with mlflow.start_run(run_id=run_id):
+                    info = mlflow.transformers.log_model(
+                        transformers_model={"model": model, "tokenizer": tokenizer}, task=ptask, name=f"model-{m}",
+                        signature=infer_signature(example, output), input_example=example,
+                        model_config=model_config, pip_requirements=reqs)
+                logged.append(info.model_id)
+                config = b.get("config") or {}
+                tags = {"tune_dynsdpb.sweep_id": state["sweep_id"], "tune_dynsdpb.arm": m,
+                        "tune_dynsdpb.metric": b["metric"], "tune_dynsdpb.metric_value": repr(float(b["score"])),
+                        "tune_dynsdpb.seed": str(config.get("seed", spec.seed)), TAG_TASK: task.name,
+                        "tune_dynsdpb.data_source": str(task.source)[:5000],
+                        "tune_dynsdpb.trial_id": str(b.get("trial_id")),
+                        "tune_dynsdpb.trial_run_id": str(b.get("run_id")),
+                        "tune_dynsdpb.config": _json(config)}
+                mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
+                                                 model_id=info.model_id)
+                created.append(mv.version)
+                versions[m] = mv.version
+            for alias in aliases:
+                with contextlib.suppress(Exception):
+                    before[alias] = client.get_model_version_by_alias(name, alias).version
+            for alias, m in aliases.items():
+                client.set_registered_model_alias(name, alias, versions[m])
+    except BaseException:
+        _rollback(client, name, created, before, existed)
+        for model_id in logged:
+            with contextlib.suppress(Exception):
+                client.delete_logged_model(model_id)
+        client.delete_run(run_id)
+        raise
+    client.set_terminated(run_id)
+    return {**versions, ALIAS_CHAMPION: winner, "run_id": run_id}
+
+
+def _predict(pipe, example: list, model_config: dict | None):
+    """The pipeline's answer to the input example, in the shape MLflow's pyfunc returns it."""
+    import pandas as pd
+
+    out = pipe(example, **(model_config or {}))
+    if pipe.task == "text-generation":
+        return [r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in out]
+    return pd.DataFrame([r[0] if isinstance(r, list) else r for r in out])
+
+
+def _json(config: dict) -> str:
+    import json
+
+    return json.dumps(config, sort_keys=True, default=str)[:5000]
+
+
+def _rollback(client, name: str, created: list[str], before: dict[str, str], existed: bool) -> None:
+    """Deletes the versions an export made (and the model, if it made that) and restores aliases."""
+    for version in created:
+        with contextlib.suppress(Exception):
+            client.delete_model_version(name, version)
+    if not existed:
+        with contextlib.suppress(Exception):
+            client.delete_registered_model(name)
+        return
+    for alias, version in before.items():
+        with contextlib.suppress(Exception):
+            client.set_registered_model_alias(name, alias, version)
+
+
+def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = None) -> Path:
+    """Writes a logged/registered transformers model (e.g. ``models:/NAME@champion``) as a plain
+    Hugging Face folder (model + tokenizer), staged beside ``out`` and renamed into place."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .cli import staged_output
+
+    out = Path(out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out: {out} exists and is not empty")
+    with _tracking(tracking_uri):
+        try:
+            parts = mlflow.transformers.load_model(model_uri, return_type="components")
+        except (MlflowException, OSError) as e:
+            raise UserError(f"--model: cannot load {model_uri}: {_one_line(e)}") from None
+    with staged_output(out) as tmp:
+        parts["model"].save_pretrained(tmp)
+        for key in ("tokenizer", "feature_extractor", "image_processor", "processor"):
+            if parts.get(key) is not None:
+                parts[key].save_pretrained(tmp)
+    return out
+
+
+__all__ = ["export_sweep", "export_folder", "input_example", "load_checkpoint", "pipeline_task"]
