@@ -1,0 +1,67 @@
+"""Gathers the finals of every real-data task into the table of docs/results.md.
+
+Reads ``<runs>/<task>/report-{epochs,compute}/finals.json`` (written by ``tune-dynsdpb compare``)
+and prints a Markdown table: per task, budget and arm, the metric's mean ± std with its 95% CI,
+the paired p-values and effect sizes of dynsdpb against dlb and vanilla, and the compute spent.
+It also copies each report's plots next to docs/results.md.
+
+    python benchmarks/collect_results.py runs/real --plots docs/results > /tmp/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+TASKS = ("rte", "mrpc", "cola", "cb", "stsb", "sst2")
+
+
+def fmt(v, digits=3):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def rows_for(task: str, report: dict) -> list[str]:
+    out = []
+    paired = report.get("paired", {})
+    for arm, a in report["arms"].items():
+        if arm == "dynsdpb":
+            tests = []
+            for other in ("dlb", "vanilla"):
+                p = paired.get(f"dynsdpb-{other}")
+                if p:
+                    tests.append(f"vs {other}: Δ={p['mean_diff']:+.3f}, p={fmt(p['p_ttest'])}, d_z={fmt(p['d_z'], 2)}")
+            test = "; ".join(tests)
+        else:
+            test = ""
+        out.append(f"| {task} | {report['budget']} | {arm} | {a['n']} | {fmt(a['mean'])} ± {fmt(a['std'])} | "
+                   f"[{fmt(a['ci_low'])}, {fmt(a['ci_high'])}] | {test} | {a['num_train_epochs']} | "
+                   f"{a['sample_passes_mean']:.0f} | {fmt(a['wall_s_mean'], 0)} |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", type=Path, help="folder with one sweep folder per task")
+    ap.add_argument("--plots", type=Path, help="copy the PNGs here as <task>-<budget>-<plot>.png")
+    a = ap.parse_args()
+    print("| task | budget | arm | seeds | metric mean ± std | 95% CI | paired test (dynsdpb − other) | epochs "
+          "| sample-passes / run | wall s / run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for task in TASKS:
+        for budget in ("epochs", "compute"):
+            path = a.runs / task / f"report-{budget}" / "finals.json"
+            if not path.exists():
+                continue
+            report = json.loads(path.read_text())
+            for row in rows_for(f"{task} ({report['metric']})", report):
+                print(row)
+            if a.plots:
+                a.plots.mkdir(parents=True, exist_ok=True)
+                for png in report.get("plots", []):
+                    shutil.copy(path.parent / png, a.plots / f"{task}-{budget}-{png}")
+
+
+if __name__ == "__main__":
+    main()
