@@ -193,6 +193,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, num_samples=spec.budget.num_samples,
                     reuse_actors=True,  # no process start + torch/transformers import per trial
+                    max_concurrent_trials=_max_concurrent(spec),
                     search_alg=create_searcher(spec, method, metric, mode, seed=spec.seed),
                     scheduler=create_scheduler(spec)),
                 run_config=tune.RunConfig(
@@ -232,6 +233,15 @@ def _trial_resources(spec: SweepSpec):
     from trainables.distributed import create_trial_resources
     r = spec.resources
     return create_trial_resources(r.cpus_per_trial, r.gpus_per_trial, r.workers_per_trial)
+
+
+def _max_concurrent(spec: SweepSpec) -> int | None:
+    """Multi-worker trials reserve their workers outside Tune's view, so Tune must be told how many fit."""
+    from trainables.distributed import max_concurrent_ddp_trials
+    r = spec.resources
+    caps = [c for c in (spec.budget.max_concurrent,
+                        max_concurrent_ddp_trials(r.cpus_per_trial, r.gpus_per_trial) if r.distributed else None) if c]
+    return min(caps) if caps else None
 
 
 def _complete(grid, budget: int) -> bool:
