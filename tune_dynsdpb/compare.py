@@ -210,6 +210,11 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
               gpus_per_trial=spec.resources.gpus_per_trial, workers_per_trial=spec.resources.workers_per_trial,
               lora=spec.lora.model_dump() if spec.lora else None, training=spec.training_kwargs())
 
+    # At equal compute only vanilla's config changes: finished equal-epochs finals with the same
+    # config (dlb, dynsdpb) are read back instead of trained again.
+    reused = _reusable_finals(out / "ray" / "finals-epochs", configs) if budget == "compute" else []
+    configs = [c for c in configs if not any(r.config == c for r in reused)]
+
     # -- the finals: one Tuner, a grid of full configs -----------------------------------------
     name = f"finals-{budget}"
     _discard_earlier_attempt(tracker, name)
@@ -219,24 +224,29 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
         "budget": budget, "seeds": ",".join(map(str, seed_list)), "methods": ",".join(best)}.items()])
     trainable = tune.with_resources(tune.with_parameters(train_final, job=job, train_dataset=train_ds,
                                                          eval_dataset=eval_ds), _trial_resources(spec))
-    tuner = tune.Tuner(
-        trainable, param_space=tune.grid_search(configs),
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(out / "ray"), verbose=0,
-                                  callbacks=[tracker.trial_callback(name)],
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    grid = tuner.fit()
-    if not _complete(grid, len(configs)):  # Ctrl-C: Tune returns early; no report from part of the runs
-        tracker.finish_arm(name, "KILLED")
-        raise KeyboardInterrupt(f"finals interrupted; run tune-dynsdpb compare {out} --budget {budget} again")
+    results = []
+    if configs:
+        tuner = tune.Tuner(
+            trainable, param_space=tune.grid_search(configs),
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(out / "ray"), verbose=0,
+                                      callbacks=[tracker.trial_callback(name)],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        grid = tuner.fit()
+        if not _complete(grid, len(configs)):  # Ctrl-C: Tune returns early; no report from part of the runs
+            tracker.finish_arm(name, "KILLED")
+            raise KeyboardInterrupt(f"finals interrupted; run tune-dynsdpb compare {out} --budget {budget} again")
+        results = list(grid)
     tracker.finish_arm(name)
 
-    trials, histories = collect_finals(grid, metric)
-    for result in grid:  # the finals keep no models (export takes the sweep's best checkpoints)
+    trials, histories = collect_finals(results + reused, metric)
+    for result in results:  # the finals keep no models (export takes the sweep's best checkpoints)
         for checkpoint, _ in result.best_checkpoints or []:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
+    reused_ids = {r.metrics.get("trial_id") for r in reused}
     for t in trials:
-        t["run_id"] = tracker.find_trial_run(name, t["trial_id"]) if t["trial_id"] else None
+        run_arm = "finals-epochs" if t["trial_id"] in reused_ids else name
+        t["run_id"] = tracker.find_trial_run(run_arm, t["trial_id"]) if t["trial_id"] else None
     sweep_scores = {m: _sweep_scores(tracker, m, metric, mode) for m in best}
     with staged_output(report_dir) as tmp:
         summary = write_report(tmp, state=state, task=task.name, best=best, budget=budget, seeds=seed_list,
@@ -247,6 +257,19 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
         if s["mean"] is not None:
             tracker.client.log_metric(finals_run, f"{m}_{metric}_mean", s["mean"])
     return report_dir
+
+
+def _reusable_finals(experiment: Path, configs: list[dict]) -> list:
+    """Finished trials of an earlier finals experiment whose config equals one of ``configs``."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    if not experiment.is_dir():
+        return []
+    try:
+        grid = ResultGrid(ExperimentAnalysis(str(experiment)))
+    except Exception:  # an unreadable or partial experiment: train everything again
+        return []
+    return [r for r in grid if r.error is None and (r.metrics or {}).get("final") and r.config in configs]
 
 
 def _discard_earlier_attempt(tracker, name: str) -> None:
