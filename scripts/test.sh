@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test . scripts/setup-venv.sh
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"

@@ -246,8 +246,11 @@ def _max_concurrent(spec: SweepSpec) -> int | None:
 
 def _complete(grid, budget: int) -> bool:
     """Whether every budgeted trial of the arm has ended (finished, stopped or failed)."""
+    # An interrupt also leaves running trials TERMINATED; only a trial that ended on its own (or
+    # that the scheduler stopped) has ``done`` in its last result.
     trials = grid._experiment_analysis.trials
-    return len(trials) >= budget and all(t.status in ("TERMINATED", "ERROR") for t in trials)
+    return len(trials) >= budget and all(
+        t.status == "ERROR" or (t.status == "TERMINATED" and (t.last_result or {}).get("done")) for t in trials)
 
 
 def _best(grid, method: str, metric: str, mode: str) -> ArmResult:
