@@ -75,21 +75,19 @@ class _TuneReporter(TrainerCallback):
             control.should_evaluate = control.should_save = True
 
     def on_log(self, args, state, control, logs=None, **kw):
-        logs = dict(logs or {})
-        # per-layer gradient norms (grad_norm_log_steps) arrive in logs of their own: the latest
-        # values ride along with every later report
-        grads = {k: v for k, v in (logs if "loss" not in logs else self.train_log).items()
-                 if k.startswith("grad_norm/") and isinstance(v, (int, float))}
-        self.train_log.update(grads)
-        if "loss" in logs:
-            self.train_log = {**grads, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            if self.poison and state.global_step >= 2:
-                self.train_log["loss"] = float("nan")
-            if not math.isfinite(self.train_log["loss"]):
-                self.failed = f"non-finite training loss ({self.train_log['loss']}) at step {state.global_step}"
-                control.should_training_stop = True
-                self.report({**self._result(state, final=True), self.metric: float("nan"),
-                             "dynsdpb_failure": self.failed}, None)
+        logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+        if "loss" not in logs:  # per-layer gradient norms come in logs of their own: keep the latest
+            self.train_log.update({k: v for k, v in logs.items() if k.startswith("grad_norm/")})
+            return
+        grads = {k: v for k, v in self.train_log.items() if k.startswith("grad_norm/")}
+        self.train_log = {**grads, **logs}
+        if self.poison and state.global_step >= 2:
+            self.train_log["loss"] = float("nan")
+        if not math.isfinite(self.train_log["loss"]):
+            self.failed = f"non-finite training loss ({self.train_log['loss']}) at step {state.global_step}"
+            control.should_training_stop = True
+            self.report({**self._result(state, final=True), self.metric: float("nan"),
+                         "dynsdpb_failure": self.failed}, None)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         self.eval_metrics = dict(metrics or {})
