@@ -168,7 +168,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
     from .data import load_task, tokenize_task
     from .run import load_model
     from .search_space import parse_search_space
-    from .sweep import _complete, _init_ray, _trial_resources, check_resources, load_sweep_state
+    from .sweep import fit_tuner, _init_ray, _trial_resources, check_resources, load_sweep_state
     from .tracking import SweepTracker
     from trainables.dynsdpb import Job
 
@@ -232,10 +232,12 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
             run_config=tune.RunConfig(name=name, storage_path=str(out / "ray"), verbose=0,
                                       callbacks=[tracker.trial_callback(name)],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        grid = tuner.fit()
-        if not _complete(grid, len(configs)):  # Ctrl-C: Tune returns early; no report from part of the runs
+        try:
+            grid = fit_tuner(tuner, len(configs))
+        except KeyboardInterrupt:  # no report from part of the runs
             tracker.finish_arm(name, "KILLED")
-            raise KeyboardInterrupt(f"finals interrupted; run tune-dynsdpb compare {out} --budget {budget} again")
+            raise KeyboardInterrupt(f"finals interrupted; run tune-dynsdpb compare {out} --budget {budget} "
+                                    "again") from None
         results = list(grid)
     tracker.finish_arm(name)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -204,12 +206,13 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
                                                             checkpoint_score_order=mode)))
         arm_state["status"] = "running"
         _write_json(out / STATE, state)
-        grid = tuner.fit()
-        if not _complete(grid, spec.budget.num_samples):  # Ctrl-C: Tune returns early, state saved
+        try:
+            grid = fit_tuner(tuner, spec.budget.num_samples)
+        except KeyboardInterrupt:  # Tune returned early and saved its state
             _write_json(out / STATE, state)
             table.close()
             raise KeyboardInterrupt(f"sweep interrupted during arm {method!r}; continue it with "
-                                    f"tune-dynsdpb sweep --resume --output-dir {out}")
+                                    f"tune-dynsdpb sweep --resume --output-dir {out}") from None
         best = _best(grid, method, metric, mode)
         _keep_best_checkpoints(grid, metric, mode)
         if best.trial_id:
@@ -242,6 +245,25 @@ def _max_concurrent(spec: SweepSpec) -> int | None:
     caps = [c for c in (spec.budget.max_concurrent,
                         max_concurrent_ddp_trials(r.cpus_per_trial, r.gpus_per_trial) if r.distributed else None) if c]
     return min(caps) if caps else None
+
+
+def fit_tuner(tuner, budget: int):
+    """``tuner.fit()``, raising KeyboardInterrupt if Ctrl-C ended it early.
+
+    Tune swaps in its own SIGINT handler for the run and puts the previous one back only when the
+    signal arrives, so the handler in place afterwards tells whether the run was interrupted; the
+    trial states catch the rest (interrupted trials are left TERMINATED but not ``done``).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    grid = tuner.fit()
+    interrupted = False
+    if main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        interrupted = signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGINT, before)
+    if interrupted or not _complete(grid, budget):
+        raise KeyboardInterrupt
+    return grid
 
 
 def _complete(grid, budget: int) -> bool:
