@@ -1,9 +1,11 @@
 """Gathers the finals of every real-data task into the table of docs/results.md.
 
 Reads ``<runs>/<task>/report-{epochs,compute}/finals.json`` (written by ``tune-dynsdpb compare``)
-and prints a Markdown table: per task, budget and arm, the metric's mean ± std with its 95% CI,
-the paired p-values and effect sizes of dynsdpb against dlb and vanilla, and the compute spent.
-It also copies each report's plots next to docs/results.md.
+and prints two Markdown tables: a summary with one row per task and budget (the arms' means, and
+dynsdpb's paired differences with t-test and Wilcoxon p-values), then the full table: per task,
+budget and arm, the metric's mean ± std with its 95% CI, the paired p-values and effect sizes of
+dynsdpb against dlb and vanilla, and the compute spent. It also copies each report's plots next to
+docs/results.md.
 
     python benchmarks/collect_results.py runs/real --plots docs/results > /tmp/table.md
 """
@@ -41,26 +43,40 @@ def rows_for(task: str, report: dict) -> list[str]:
     return out
 
 
+def summary_row(task: str, report: dict) -> str:
+    arms, paired = report["arms"], report.get("paired", {})
+    means = " | ".join(fmt(arms[m]["mean"]) if m in arms else "–" for m in ("vanilla", "dlb", "dynsdpb"))
+    diffs = []
+    for other in ("dlb", "vanilla"):
+        p = paired.get(f"dynsdpb-{other}")
+        diffs.append("–" if not p else
+                     f"{p['mean_diff']:+.3f} (t p={fmt(p['p_ttest'])}, W p={fmt(p.get('p_wilcoxon'))})")
+    return f"| {task} | {report['metric']} | {report['budget']} | {means} | {' | '.join(diffs)} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, help="folder with one sweep folder per task")
     ap.add_argument("--plots", type=Path, help="copy the PNGs here as <task>-<budget>-<plot>.png")
     a = ap.parse_args()
+    reports = [(task, json.loads(path.read_text()), path)
+               for task in TASKS for budget in ("epochs", "compute")
+               if (path := a.runs / task / f"report-{budget}" / "finals.json").exists()]
+    print("| task | metric | budget | vanilla | dlb | dynsdpb | dynsdpb − dlb | dynsdpb − vanilla |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task, report, _ in reports:
+        print(summary_row(task, report))
+    print()
     print("| task | budget | arm | seeds | metric mean ± std | 95% CI | paired test (dynsdpb − other) | epochs "
           "| sample-passes / run | wall s / run |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for task in TASKS:
-        for budget in ("epochs", "compute"):
-            path = a.runs / task / f"report-{budget}" / "finals.json"
-            if not path.exists():
-                continue
-            report = json.loads(path.read_text())
-            for row in rows_for(f"{task} ({report['metric']})", report):
-                print(row)
-            if a.plots:
-                a.plots.mkdir(parents=True, exist_ok=True)
-                for png in report.get("plots", []):
-                    shutil.copy(path.parent / png, a.plots / f"{task}-{budget}-{png}")
+    for task, report, path in reports:
+        for row in rows_for(f"{task} ({report['metric']})", report):
+            print(row)
+        if a.plots:
+            a.plots.mkdir(parents=True, exist_ok=True)
+            for png in report.get("plots", []):
+                shutil.copy(path.parent / png, a.plots / f"{task}-{report['budget']}-{png}")
 
 
 if __name__ == "__main__":

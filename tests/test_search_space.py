@@ -13,7 +13,9 @@ from tune_dynsdpb.search_space import (Choices, Range, SweepSpec, config_name, c
                                        create_points_to_evaluate, create_scheduler, create_searcher,
                                        load_search_space, resolve_metric)
 
-SHIPPED = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+# every sweep file we ship: the user-facing ones and the real-data benchmark protocol
+SHIPPED = sorted(ROOT.glob("search_spaces/*.yaml")) + sorted(ROOT.glob("benchmarks/real/*.yaml"))
 METHOD_ONLY = {"vanilla": set(), "dlb": {"alpha0", "tau0"},
                "dynsdpb": {"alpha0", "tau0", "lambda_alpha", "lambda_tau", "granularity"}}
 ALL_METHOD_PARAMS = set().union(*METHOD_ONLY.values())
@@ -51,7 +53,7 @@ def declared(spec, method, name):
     return next(getattr(b, name) for b in blocks if name in type(b).model_fields)
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_file_samples_inside_its_space(path):
     spec = load_search_space(path)
     assert isinstance(spec, SweepSpec) and spec.path == path and spec.methods
