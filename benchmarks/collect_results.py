@@ -17,7 +17,10 @@ import json
 import shutil
 from pathlib import Path
 
+from tune_dynsdpb.compare import config_notes
+
 TASKS = ("rte", "mrpc", "cola", "cb", "stsb", "sst2")
+PROTOCOLS = ("", "-large")  # benchmarks/real/<task>.yaml and <task>-large.yaml
 
 
 def fmt(v, digits=3):
@@ -49,8 +52,13 @@ def summary_row(task: str, report: dict) -> str:
     diffs = []
     for other in ("dlb", "vanilla"):
         p = paired.get(f"dynsdpb-{other}")
-        diffs.append("–" if not p else
-                     f"{p['mean_diff']:+.3f} (t p={fmt(p['p_ttest'])}, W p={fmt(p.get('p_wilcoxon'))})")
+        if not p:
+            diffs.append("–")
+        elif p["mean_diff"] == 0 and p["sd_diff"] == 0:
+            same = other == "dlb" and len(config_notes(report["best_configs"])) == 2
+            diffs.append("0 (identical runs)" if same else "0 on every seed")
+        else:
+            diffs.append(f"{p['mean_diff']:+.3f} (t p={fmt(p['p_ttest'])}, W p={fmt(p.get('p_wilcoxon'))})")
     return f"| {task} | {report['metric']} | {report['budget']} | {means} | {' | '.join(diffs)} |"
 
 
@@ -59,9 +67,9 @@ def main() -> None:
     ap.add_argument("runs", type=Path, help="folder with one sweep folder per task")
     ap.add_argument("--plots", type=Path, help="copy the PNGs here as <task>-<budget>-<plot>.png")
     a = ap.parse_args()
-    reports = [(task, json.loads(path.read_text()), path)
-               for task in TASKS for budget in ("epochs", "compute")
-               if (path := a.runs / task / f"report-{budget}" / "finals.json").exists()]
+    reports = [(task + suffix, json.loads(path.read_text()), path)
+               for task in TASKS for suffix in PROTOCOLS for budget in ("epochs", "compute")
+               if (path := a.runs / (task + suffix) / f"report-{budget}" / "finals.json").exists()]
     print("| task | metric | budget | vanilla | dlb | dynsdpb | dynsdpb − dlb | dynsdpb − vanilla |")
     print("|---|---|---|---|---|---|---|---|")
     for task, report, _ in reports:

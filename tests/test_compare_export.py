@@ -16,7 +16,7 @@ from scipy import stats
 
 from test_sweep import spec_file
 from tune_dynsdpb.cli import main
-from tune_dynsdpb.compare import cohens_dz, final_configs, paired_test, summarize
+from tune_dynsdpb.compare import cohens_dz, config_notes, final_configs, paired_test, summarize
 
 pytestmark = pytest.mark.slow
 METRIC = "eval_loss"
@@ -321,3 +321,14 @@ def test_export_failing_midway_deletes_what_it_registered(sweep, monkeypatch):
         export_sweep(sweep, "tiny-rte")
     assert {v.version for v in c.search_model_versions("name = 'tiny-rte'")} == versions
     assert c.get_registered_model("tiny-rte").aliases == aliases
+
+
+def test_config_notes_flag_zero_rates_and_identical_arms():
+    dlb = {"method": "dlb", "learning_rate": 1e-4, "alpha0": 1.0, "tau0": 3.0}
+    dyn = {**dlb, "method": "dynsdpb", "lambda_alpha": 0.0, "lambda_tau": 0.0, "granularity": "sample"}
+    notes = config_notes({"dlb": dlb, "dynsdpb": dyn})
+    assert len(notes) == 2 and "static DLB" in notes[0] and "identical" in notes[1]
+    # zero rates but another learning rate: static DLB, yet not the same runs
+    assert len(config_notes({"dlb": dlb, "dynsdpb": {**dyn, "learning_rate": 2e-4}})) == 1
+    assert config_notes({"dlb": dlb, "dynsdpb": {**dyn, "lambda_tau": 0.3}}) == []
+    assert config_notes({"dlb": dlb}) == []

@@ -333,6 +333,23 @@ def _count(v: Any) -> str:
     return "–" if v is None else f"{v:,.0f}"
 
 
+def config_notes(best_configs: dict[str, dict]) -> list[str]:
+    """Plain-words notes on the arms' best configs that a reader needs to read the differences:
+    dynsdpb with both adaptation rates at zero is static DLB, and if it also matches dlb's best
+    config, the two arms train identical runs and their difference is zero by construction."""
+    dyn, dlb = best_configs.get("dynsdpb"), best_configs.get("dlb")
+    if not dyn or dyn.get("lambda_alpha", 0) or dyn.get("lambda_tau", 0):
+        return []
+    notes = [f"dynsdpb's best config has both adaptation rates at 0 (λα = λτ = 0): it is static DLB with "
+             f"α0 = {dyn.get('alpha0')}, τ0 = {dyn.get('tau0')}."]
+    same = dlb and all(dlb.get(k) == v for k, v in dyn.items()
+                       if k not in ("method", "lambda_alpha", "lambda_tau", "granularity"))
+    if same:
+        notes.append("It also matches dlb's best config, so the dlb and dynsdpb runs are identical and "
+                     "dynsdpb − dlb is 0 by construction: the sweep found no adaptation worth having.")
+    return notes
+
+
 def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: str, seeds: list[int],
                  trials: list[dict], histories: dict, sweep_scores: dict, finals_run: str) -> dict:
     """Writes report.md, report.html, finals.json and the plots into ``folder``; returns the summary."""
@@ -373,6 +390,7 @@ def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: st
                "mode": mode, "budget": budget, "seeds": seeds, "methods": list(best),
                "parent_run_id": state.get("parent_run_id"), "finals_run_id": finals_run, "arms": arms,
                "paired": paired, "trials": trials, "best_configs": {m: b["config"] for m, b in best.items()},
+               "notes": config_notes({m: b["config"] for m, b in best.items()}),
                "plots": [k for k, v in pngs.items() if v], "created": time.time()}
     (folder / "finals.json").write_text(json.dumps(summary, indent=2, default=str))
     blocks = _blocks(summary, pngs)
@@ -406,6 +424,7 @@ def _blocks(s: dict, pngs: dict) -> list[tuple]:
           ("p", "Same seed, same data order and initialization in every arm. Paired t-test "
                 "(scipy.stats.ttest_rel), Wilcoxon signed-rank for n ≥ 5, effect size Cohen's "
                 "d_z = mean(diff) / sd(diff).")]
+    b += [("p", "**Note:** " + note) for note in s.get("notes", [])]
     if s["paired"]:
         b.append(("table", ["difference", "n", "mean diff", "sd", "95% CI", "t-test p", "Wilcoxon p", "d_z"],
                   [[k.replace("-", " − "), p["n"], _fmt(p["mean_diff"]), _fmt(p["sd_diff"]),
