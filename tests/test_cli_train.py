@@ -124,3 +124,28 @@ def test_trust_remote_code_is_off_by_default(data_dir, tiny_bert, tmp_path, monk
     from tune_dynsdpb.run import load_model
     load_model(str(tiny_bert), load_task("rte", data_dir))
     assert seen and seen[0] is False
+
+
+def test_load_model_seeds_a_new_head_whatever_ran_before(data_dir, tmp_path):
+    """Sweep trials share reused Ray workers: a new head must not depend on the RNG state that
+    earlier trials left behind, or identical configs train different runs."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from tune_dynsdpb.data import load_task
+    from tune_dynsdpb.run import load_model
+    from helpers import write_tokenizer
+
+    body = tmp_path / "body"  # an encoder without a classification head, like a pretrained checkpoint
+    tok = write_tokenizer(body)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(body)
+    task = load_task("rte", data_dir)
+
+    def head(seed):
+        torch.rand(1000)  # whatever an earlier trial did to the global RNG
+        model, _ = load_model(str(body), task, seed=seed)
+        return model.classifier.weight.detach().clone()
+
+    assert torch.equal(head(7), head(7))
+    assert not torch.equal(head(7), head(8))

@@ -125,7 +125,7 @@ def fit(config: dict, job: Job, train_dataset, eval_dataset, report: Callable[[d
         output_dir=output_dir, method=method, per_device_train_batch_size=batch, eval_strategy="steps",
         eval_steps=eval_every, save_strategy="steps", save_steps=eval_every, save_total_limit=1, report_to=[],
         ddp_backend="gloo" if job.gpus_per_trial == 0 and world_size > 1 else None, **kwargs)
-    model, tokenizer = load_model(job.model_path, job.task, lora=job.lora)
+    model, tokenizer = load_model(job.model_path, job.task, lora=job.lora, seed=args.seed)
     reporter = _TuneReporter(report, job.metric, batch * accumulation * world_size)
     trainer = create_trainer(job.task, model, tokenizer, train_dataset, eval_dataset, args, callbacks=[reporter])
     trainer.train(resume_from_checkpoint=resume_from)

@@ -197,7 +197,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                          text_fields=a.text_fields, label_field=a.label_field,
                          max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples, seed=a.seed)
         lora = {"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules} if a.lora_r else None
-        model, tokenizer = load_model(a.model, task, lora=lora, trust_remote_code=a.trust_remote_code)
+        model, tokenizer = load_model(a.model, task, lora=lora, trust_remote_code=a.trust_remote_code, seed=a.seed)
         train_ds, eval_ds = tokenize_task(task, tokenizer, a.max_length)
         trainer = create_trainer(task, model, tokenizer, train_ds, eval_ds, config)
         train_out = trainer.train()

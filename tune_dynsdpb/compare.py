@@ -124,14 +124,10 @@ def final_configs(best: dict[str, dict], seeds: Sequence[int], budget: str) -> l
 
 
 def train_final(config: dict, job, train_dataset, eval_dataset) -> None:
-    """The sweep's trainable, with every RNG seeded from ``config["seed"]`` first: the Trainer
-    seeds only after the model is built, and a freshly added head must start the same in every
-    arm of one seed (single-process trials; Ray Train workers seed themselves)."""
-    from transformers import set_seed
-
+    """The sweep's trainable under its own name, so finals read apart from sweep trials in Tune
+    and MLflow. ``config["seed"]`` seeds the run, the new head's initialization included."""
     from trainables.dynsdpb import train_dynsdpb
 
-    set_seed(int(config["seed"]))
     train_dynsdpb(config, job, train_dataset, eval_dataset)
 
 

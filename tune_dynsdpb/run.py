@@ -40,9 +40,15 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer) for ``task``: a sequence classifier/regressor, or a causal LM (+ LoRA)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote_code: bool = False,
+               seed: int | None = None):
+    """(model, tokenizer) for ``task``: a sequence classifier/regressor, or a causal LM (+ LoRA).
+
+    ``seed`` seeds every RNG before the model is built. The Trainer seeds only after that, so a
+    new head (and LoRA's A matrices) would otherwise start from whatever RNG state the process is
+    in: in a reused Ray worker, from the trials it ran before."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              set_seed)
 
     path = resolve_model_path(model)
     try:
@@ -50,6 +56,8 @@ def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"--model: cannot load {model!r}: {str(e).strip().splitlines()[0]}") from None
+    if seed is not None:
+        set_seed(seed)
     if task.kind == "causal_lm":
         if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS; labels mask it anyway
             tokenizer.pad_token = tokenizer.eos_token
