@@ -332,3 +332,5 @@ def test_config_notes_flag_zero_rates_and_identical_arms():
     assert len(config_notes({"dlb": dlb, "dynsdpb": {**dyn, "learning_rate": 2e-4}})) == 1
     assert config_notes({"dlb": dlb, "dynsdpb": {**dyn, "lambda_tau": 0.3}}) == []
     assert config_notes({"dlb": dlb}) == []
+    ties = config_notes({"dlb": dlb}, {"vanilla": [0.0, 0.0, None], "dlb": [0.5, 0.6]})
+    assert len(ties) == 1 and ties[0].startswith("All 2 sweep trials of vanilla tied")

@@ -329,20 +329,27 @@ def _count(v: Any) -> str:
     return "–" if v is None else f"{v:,.0f}"
 
 
-def config_notes(best_configs: dict[str, dict]) -> list[str]:
+def config_notes(best_configs: dict[str, dict], sweep_scores: dict[str, list] | None = None) -> list[str]:
     """Plain-words notes on the arms' best configs that a reader needs to read the differences:
-    dynsdpb with both adaptation rates at zero is static DLB, and if it also matches dlb's best
-    config, the two arms train identical runs and their difference is zero by construction."""
+    an arm whose sweep trials all tied (its "best" is then just the first, the warm start);
+    dynsdpb with both adaptation rates at zero, which is static DLB; and dynsdpb matching dlb's
+    best config, so that the two arms train identical runs and differ by zero by construction."""
+    notes = []
+    for arm, scores in (sweep_scores or {}).items():
+        done = [x for x in scores if x is not None]
+        if len(done) > 1 and len(set(done)) == 1:
+            notes.append(f"All {len(done)} sweep trials of {arm} tied at {done[0]:.4g}: its best config is the "
+                         f"first trial's (the warm start), not a finding of the search.")
     dyn, dlb = best_configs.get("dynsdpb"), best_configs.get("dlb")
     if not dyn or dyn.get("lambda_alpha", 0) or dyn.get("lambda_tau", 0):
-        return []
-    notes = [f"dynsdpb's best config has both adaptation rates at 0 (λα = λτ = 0): it is static DLB with "
+        return notes
+    notes += [f"dynsdpb's best config has both adaptation rates at 0 (λα = λτ = 0): it is static DLB with "
              f"α0 = {dyn.get('alpha0')}, τ0 = {dyn.get('tau0')}."]
     same = dlb and all(dlb.get(k) == v for k, v in dyn.items()
                        if k not in ("method", "lambda_alpha", "lambda_tau", "granularity"))
     if same:
         notes.append("It also matches dlb's best config, so the dlb and dynsdpb runs are identical and "
-                     "dynsdpb − dlb is 0 by construction: the sweep found no adaptation worth having.")
+                     "dynsdpb − dlb is 0 by construction.")
     return notes
 
 
@@ -386,7 +393,8 @@ def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: st
                "mode": mode, "budget": budget, "seeds": seeds, "methods": list(best),
                "parent_run_id": state.get("parent_run_id"), "finals_run_id": finals_run, "arms": arms,
                "paired": paired, "trials": trials, "best_configs": {m: b["config"] for m, b in best.items()},
-               "notes": config_notes({m: b["config"] for m, b in best.items()}),
+               "sweep_scores": sweep_scores,
+               "notes": config_notes({m: b["config"] for m, b in best.items()}, sweep_scores),
                "plots": [k for k, v in pngs.items() if v], "created": time.time()}
     (folder / "finals.json").write_text(json.dumps(summary, indent=2, default=str))
     blocks = _blocks(summary, pngs)
