@@ -1,8 +1,9 @@
 """Gathers the finals of every real-data task into the table of docs/results.md.
 
 Reads ``<runs>/<task>/report-{epochs,compute}/finals.json`` (written by ``tune-dynsdpb compare``)
-and prints two Markdown tables: a summary with one row per task and budget (the arms' means, and
-dynsdpb's paired differences with t-test and Wilcoxon p-values), then the full table: per task,
+and prints three Markdown tables: a summary with one row per task and budget (the arms' means, and
+dynsdpb's paired differences with t-test and Wilcoxon p-values), each arm's best sweep config, and
+the full table: per task,
 budget and arm, the metric's mean ± std with its 95% CI, the paired p-values and effect sizes of
 dynsdpb against dlb and vanilla, and the compute spent. It also copies each report's plots next to
 docs/results.md.
@@ -74,6 +75,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for task, report, _ in reports:
         print(summary_row(task, report))
+    print()
+    print("| task | arm | learning rate | α0 | τ0 | λα | λτ |")
+    print("|---|---|---|---|---|---|---|")
+    for task, report, _ in reports:
+        if report["budget"] != "epochs":  # the same sweep, so the same best configs
+            continue
+        for arm, c in report["best_configs"].items():
+            print(f"| {task} | {arm} | " + " | ".join(
+                "–" if c.get(k) is None else f"{c[k]:.3g}"
+                for k in ("learning_rate", "alpha0", "tau0", "lambda_alpha", "lambda_tau")) + " |")
     print()
     print("| task | budget | arm | seeds | metric mean ± std | 95% CI | paired test (dynsdpb − other) | epochs "
           "| sample-passes / run | wall s / run |")
