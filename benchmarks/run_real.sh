@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real-data results for one task: sweep (3 arms, equal trial budgets), then the finals over seeds
 # at equal epochs and at equal compute. Usage: bash benchmarks/run_real.sh rte|mrpc|cola|cb|stsb|sst2
-# (or <task>-large, the larger protocol of benchmarks/real/<task>-large.yaml: cola, sst2, stsb, cb)
+# (or <task>-large, the larger protocol of benchmarks/real/<task>-large.yaml: cola, sst2, cb)
 # Env: DATA_DIR (default ../shared/data), OUT (default runs/real), SEEDS (default 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
