@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tune_dynsdpb.compare import config_notes
+from tune_dynsdpb.compare import same_runs
 
 TASKS = ("rte", "mrpc", "cola", "cb", "stsb", "sst2")
 PROTOCOLS = ("", "-large")  # benchmarks/real/<task>.yaml and <task>-large.yaml
@@ -56,7 +56,7 @@ def summary_row(task: str, report: dict) -> str:
         if not p:
             diffs.append("–")
         elif p["mean_diff"] == 0 and p["sd_diff"] == 0:
-            same = other == "dlb" and any("identical" in n for n in config_notes(report["best_configs"]))
+            same = other == "dlb" and same_runs(report["best_configs"])
             diffs.append("0 (identical runs)" if same else "0 on every seed")
         else:
             diffs.append(f"{p['mean_diff']:+.3f} (t p={fmt(p['p_ttest'])}, W p={fmt(p.get('p_wilcoxon'))})")

@@ -329,6 +329,14 @@ def _count(v: Any) -> str:
     return "–" if v is None else f"{v:,.0f}"
 
 
+def same_runs(best_configs: dict[str, dict]) -> bool:
+    """Whether dynsdpb's best config is dlb's with zero rates: then both arms train identical runs."""
+    dyn, dlb = best_configs.get("dynsdpb"), best_configs.get("dlb")
+    return bool(dyn and dlb and not dyn.get("lambda_alpha", 0) and not dyn.get("lambda_tau", 0)
+                and all(dlb.get(k) == v for k, v in dyn.items()
+                        if k not in ("method", "lambda_alpha", "lambda_tau", "granularity")))
+
+
 def config_notes(best_configs: dict[str, dict], sweep_scores: dict[str, list] | None = None) -> list[str]:
     """Plain-words notes on the arms' best configs that a reader needs to read the differences:
     an arm whose sweep trials all tied (its "best" is then just the first, the warm start);
@@ -340,14 +348,12 @@ def config_notes(best_configs: dict[str, dict], sweep_scores: dict[str, list] | 
         if len(done) > 1 and len(set(done)) == 1:
             notes.append(f"All {len(done)} sweep trials of {arm} tied at {done[0]:.4g}: its best config is the "
                          f"first trial's (the warm start), not a finding of the search.")
-    dyn, dlb = best_configs.get("dynsdpb"), best_configs.get("dlb")
+    dyn = best_configs.get("dynsdpb")
     if not dyn or dyn.get("lambda_alpha", 0) or dyn.get("lambda_tau", 0):
         return notes
     notes += [f"dynsdpb's best config has both adaptation rates at 0 (λα = λτ = 0): it is static DLB with "
              f"α0 = {dyn.get('alpha0')}, τ0 = {dyn.get('tau0')}."]
-    same = dlb and all(dlb.get(k) == v for k, v in dyn.items()
-                       if k not in ("method", "lambda_alpha", "lambda_tau", "granularity"))
-    if same:
+    if same_runs(best_configs):
         notes.append("It also matches dlb's best config, so the dlb and dynsdpb runs are identical and "
                      "dynsdpb − dlb is 0 by construction.")
     return notes
