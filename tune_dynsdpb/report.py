@@ -295,3 +295,57 @@ def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: st
     (folder / "report.md").write_text(md)
     (folder / "report.html").write_text(page)
     return summary
+
+
+# -- across tasks ---------------------------------------------------------------------------------
+def _mean_std(a: dict | None) -> str:
+    if not a or _num(a.get("mean")) is None:
+        return "–"
+    std = _num(a.get("std"))
+    return f"{_fmt(a['mean'])} ± {_fmt(std)}" if std is not None else _fmt(a["mean"])
+
+
+def cross_task_table(per_task: dict[str, dict[str, dict]]) -> dict:
+    """One table per budget across tasks from each task's report summaries (``per_task[task][budget]``
+    is the dict ``write_report`` returns / its finals.json).
+
+    Returns ``{"budgets": {budget: {"arms": [...], "comparisons": ["dynsdpb-dlb", ...], "rows": [...]}}}``;
+    a row: task, metric, mode, n (seeds), baseline, per arm ``{mean, std, n, text, beats_baseline}``
+    and per comparison ``{mean_diff, p_ttest, significance, n}`` (None where that task lacks it).
+    Significance: ``*`` p < 0.05, ``**`` p < 0.01 (paired t-test over seeds)."""
+    budgets: dict[str, dict] = {}
+    for task, by_budget in per_task.items():
+        for budget, s in by_budget.items():
+            table = budgets.setdefault(budget, {"arms": [], "comparisons": [], "rows": []})
+            table["arms"] = _order([*table["arms"], *s.get("arms", {})])
+            for a, b in COMPARISONS:
+                key = f"{a}-{b}"
+                if key in s.get("paired", {}) and key not in table["comparisons"]:
+                    table["comparisons"].append(key)
+            baseline, mode = s.get("baseline"), s.get("mode", "max")
+            row = {"task": task, "metric": s.get("metric"), "mode": mode, "baseline": baseline,
+                   "baseline_name": s.get("baseline_name") or baseline_name(s.get("metric") or ""),
+                   "n": max([a.get("n") or 0 for a in s.get("arms", {}).values()], default=0),
+                   "arms": {}, "paired": {}}
+            for m, a in s.get("arms", {}).items():
+                row["arms"][m] = {"mean": _num(a.get("mean")), "std": _num(a.get("std")), "n": a.get("n"),
+                                  "text": _mean_std(a), "beats_baseline": beats(_num(a.get("mean")), baseline, mode)}
+            for key, p in s.get("paired", {}).items():
+                row["paired"][key] = {"mean_diff": _num(p.get("mean_diff")), "p_ttest": _num(p.get("p_ttest")),
+                                      "significance": significance(_num(p.get("p_ttest"))), "n": p.get("n")}
+            table["rows"].append(row)
+    order = [b for b in ("epochs", "compute") if b in budgets] + [b for b in budgets if b not in ("epochs", "compute")]
+    return {"budgets": {b: budgets[b] for b in order}}
+
+
+def write_cross_task(folder: Path, per_task: dict[str, dict[str, dict]]) -> dict:
+    """Writes cross_task.md, cross_task.html and cross_task.json (the ``cross_task_table``) into
+    ``folder``; returns the table."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = cross_task_table(per_task)
+    (folder / "cross_task.json").write_text(json.dumps(table, indent=2, default=str))
+    md, page = render("cross_task", {"t": table, "title": "DynSDPB across tasks"})
+    (folder / "cross_task.md").write_text(md)
+    (folder / "cross_task.html").write_text(page)
+    return table
