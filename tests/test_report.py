@@ -192,3 +192,18 @@ def test_cross_task_table_marks_significance(tmp_path):
     assert "&lt;cola&gt;" in page and "<cola>" not in page
     assert "## At equal epochs" in md and "## At equal compute" in md
     assert json.loads((tmp_path / "out" / "cross_task.json").read_text()) == json.loads(json.dumps(table))
+
+
+def test_task_baseline_uses_the_tasks_own_scorer():
+    import datasets
+
+    from tune_dynsdpb.baselines import task_baseline
+    from tune_dynsdpb.data import Task
+
+    ev = datasets.Dataset.from_dict({"sentence": ["a", "b", "c", "d"], "label": [1, 1, 1, 0]})
+    task = Task("sst2", "classification", ev, ev, ("sentence",), ("no", "yes"), 2, "accuracy", "max", "test",
+                ("accuracy", "f1"))
+    assert task_baseline(task) == pytest.approx(0.75)
+    reg = datasets.Dataset.from_dict({"sentence": ["a", "b", "c"], "label": [0.1, 2.5, 4.0]})
+    assert task_baseline(Task("stsb", "regression", reg, reg, ("sentence",), None, 1, "pearson", "max", "test",
+                              ("pearson",))) == 0.0
