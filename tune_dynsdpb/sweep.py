@@ -1,346 +1,412 @@
-"""``tune-dynsdpb sweep``: one Optuna-searched, ASHA-scheduled Ray Tune experiment per arm.
+"""``tune-dynsdpb sweep``: every (task, arm) of a sweep file in one Ray Tune experiment.
 
 A sweep reads top to bottom:
 
-1. validate everything that can be validated before a trial starts (the file, the data, the
-   tracking store, the cluster's resources), then tokenize the task once, here in the driver;
-2. for each arm (vanilla, dlb, dynsdpb) run a ``Tuner`` with its own Optuna study and the same
-   trial budget, tracked in MLflow from this process (:mod:`tune_dynsdpb.tracking`);
-3. record each arm's best trial on the sweep's parent run; keep only the best checkpoint per trial.
+1. open the sweep: the file (and ``--set`` overrides) validated, or the saved state of the
+   folder to resume, with a lock so one driver owns the folder;
+2. make ready what every trial shares, in the driver: Ray, the tracking store, each task's data
+   (tokenized once), and one real training step per task (:func:`~tune_dynsdpb.experiment.preflight`)
+   so a setting that would fail in every trial fails now, once;
+3. run one ``Tuner`` over all (task, arm) groups: a round-robin searcher with one Optuna study
+   per group and one ASHA bracket set per group (:mod:`tune_dynsdpb.searching`), tracked in
+   MLflow from this process (:mod:`tune_dynsdpb.tracking`);
+4. record each group's outcome counts and best trial (never a failed one) in the state and in
+   MLflow; keep each trial's best checkpoint, and the optimizer state only of each arm's best.
 
-Layout of ``--output-dir``::
-
-    OUT/sweep.json        what was asked for, and which arms are done (the resume point)
-    OUT/mlflow.db         default tracking store (SQLite), artifacts in OUT/mlartifacts
-    OUT/ray/<arm>/        Ray Tune experiments: trial folders, checkpoints, searcher state
+Ctrl-C and SIGTERM stop the same way: Tune saves the experiment, and ``--resume`` continues it.
+The folder's layout is in :mod:`tune_dynsdpb.state`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ray import tune
 
+from . import results as R
+from .baselines import learned_line
 from .errors import UserError
-from .search_space import (SweepSpec, create_scheduler, create_searcher, load_search_space,
-                           parse_search_space, resolve_metric)
+from .experiment import (check_resources, create_trainable, init_ray, max_concurrent, preflight, prepare_tasks,
+                         quiet_libraries)
+from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
+from .state import EXPERIMENT, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, lock_folder, open_sweep
 
-STATE = "sweep.json"
-
-
-@dataclass
-class ArmResult:
-    method: str
-    metric: str
-    score: float | None
-    config: dict
-    trial_id: str | None
-    checkpoint: str | None
-    trials: int
-    run_id: str | None = None
+OPTUNA_JOURNAL = "optuna.journal"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)  # never a half-written state file
-
-
-def load_sweep_state(output_dir: str | Path) -> dict:
-    path = Path(output_dir) / STATE
-    if not path.is_file():
-        raise UserError(f"{output_dir}: holds no sweep (no {STATE})")
-    return json.loads(path.read_text())
-
-
-def check_resources(spec: SweepSpec, where: str) -> None:
-    """Rejects a per-trial request that no node (or, for multi-worker trials, no cluster) can meet."""
-    import ray
-
-    r = spec.resources
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    workers = max(r.workers_per_trial, int(r.gpus_per_trial) if r.gpus_per_trial > 1 else 1)
-    cpu, gpu = r.cpus_per_trial / workers, (r.gpus_per_trial / workers if r.gpus_per_trial else 0)
-    fits = sum(int(min(n.get("CPU", 0) // cpu if cpu else 1e9, n.get("GPU", 0) // gpu if gpu else 1e9))
-               for n in nodes)
-    if fits < workers:
-        best = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-        raise UserError(f"{where}: resources: a trial needs {workers} worker(s) of {cpu:g} CPU / {gpu:g} GPU but the "
-                        f"cluster's largest node has {best.get('CPU', 0):g} CPU / {best.get('GPU', 0):g} GPU")
-
-
-def _quiet() -> None:
-    """Our live table replaces Ray's console output; keep Ray and Optuna to warnings."""
-    import optuna
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _init_ray(address: str | None, temp_dir: str | None) -> None:
-    import ray
-
-    _quiet()
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address:
-        kwargs["address"] = address
-    elif temp_dir:
-        kwargs["_temp_dir"] = temp_dir
+# -- 1. open the sweep ----------------------------------------------------------------------------
+def _check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir: {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / STATE_FILE).exists():
+        raise UserError(f"--output-dir: {out} is not empty and holds no sweep; pick a new folder")
+    if (out / STATE_FILE).exists():
+        raise UserError(f"--output-dir: {out} already holds a sweep; pass --resume to continue it")
     try:
-        ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"--ray-address: cannot join Ray at {address!r}: {str(e).splitlines()[0]}") from None
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir: cannot create {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir: {out} is not writable")
 
 
+def create_spec(spec_path: str | Path, methods: Sequence[str] | None = None, num_samples: int | None = None,
+                overrides: Sequence[str] = ()) -> SweepSpec:
+    """The sweep file with ``--methods``/``--num-samples``/``--set`` applied, validated as a whole."""
+    spec = load_search_space(spec_path)
+    sets = list(overrides)
+    if methods:
+        sets.append(f"methods={list(methods)}")
+    if num_samples is not None:
+        if num_samples < 1:
+            raise UserError(f"--num-samples: must be >= 1 (got {num_samples})")
+        sets.append(f"budget.num_samples={num_samples}")
+    if not sets:
+        return spec
+    raw = apply_overrides(spec.model_dump(mode="json", exclude_none=True, by_alias=True), sets)
+    out = parse_search_space(raw, f"{spec_path} (with --set/--methods/--num-samples)")
+    out._path = spec.path
+    return out
+
+
+def _check_resume_args(state: SweepState, **given: Any) -> None:
+    saved = {"--methods": state.methods, "--num-samples": state.num_samples, "--data-dir": _saved_data_dir(state),
+             "--tracking-uri": state.tracking_uri}
+    for flag, value in given.items():
+        if value is None or value == [] or value == ():
+            continue
+        if flag == "--methods" and list(value) == saved[flag] or value == saved[flag]:
+            continue
+        raise UserError(f"{flag}: {value!r} conflicts with the saved sweep's {saved[flag]!r}; "
+                        f"drop it to resume, or start a new sweep")
+
+
+def _saved_data_dir(state: SweepState):
+    dirs = {t.data_dir for t in state.tasks.values()}
+    return dirs.pop() if len(dirs) == 1 else None
+
+
+# -- the run --------------------------------------------------------------------------------------
 def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | None = None,
-              data_dir: str | None = None, methods: list[str] | None = None, num_samples: int | None = None,
-              ray_address: str | None = None, tracking_uri: str | None = None, resume: bool = False,
-              progress: bool = True, ray_temp_dir: str | None = None) -> list[ArmResult]:
-    from trainables.dynsdpb import Job, train_dynsdpb
+              data_dir: str | None = None, methods: Sequence[str] | None = None, num_samples: int | None = None,
+              overrides: Sequence[str] = (), ray_address: str | None = None, tracking_uri: str | None = None,
+              storage_path: str | None = None, resume: bool = False, progress: bool = True, verbose: bool = False,
+              ray_temp_dir: str | None = None, trainer_callbacks: list | None = None) -> SweepState:
+    """Runs (or resumes) a sweep; returns its final state. ``trainer_callbacks`` go into every
+    trial's Trainer (extra ``TrainerCallback`` objects: logging, fault injection in tests)."""
+    from .tracking import (SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri,
+                           redact_uri, use_tracking_uri)
 
-    from .data import load_task, tokenize_task
-    from .run import load_model, resolve_model_path
-    from .tracking import SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri
-
-    # -- 1. what was asked, validated before any trial -----------------------------------------
+    quiet_libraries(verbose)
+    # -- 1. what was asked, validated before any trial --------------------------------------------
     if resume:
         if output_dir is None:
             raise UserError("--resume: needs --output-dir of the interrupted sweep")
-        state = load_sweep_state(output_dir)
-        spec = parse_search_space(state["spec"], state["spec_path"])
-        data_dir, methods, tracking_uri = state["data_dir"], state["methods"], state["tracking_uri"]
+        if spec_path is not None or overrides:
+            raise UserError("--resume: continues the saved sweep file; give no sweep file or --set")
+        out = Path(output_dir).resolve()
+        state = open_sweep(out)
+        _check_resume_args(state, **{"--methods": methods, "--num-samples": num_samples, "--data-dir": data_dir,
+                                     "--tracking-uri": redact_uri(tracking_uri) if tracking_uri else None})
+        spec = state.sweep_spec()
+        spec = spec.model_copy(update={"tasks": state.task_specs(), "task": None})
+        if tracking_uri:
+            tracking_uri = use_tracking_uri(tracking_uri)
+        else:
+            tracking_uri = state.tracking_uri
     else:
         if spec_path is None:
             raise UserError("sweep: give a sweep file (e.g. search_spaces/quickstart.yaml)")
-        spec = load_search_space(spec_path)
-        updates: dict[str, Any] = {}
-        if methods:
-            raw = spec.model_dump(mode="json")
-            raw["methods"] = list(methods)
-            spec = parse_search_space(raw, f"{spec_path} (--methods)")  # validates the names
-        if num_samples is not None:
-            if num_samples < 1:
-                raise UserError(f"--num-samples: must be >= 1 (got {num_samples})")
-            updates["num_samples"] = num_samples
-        if updates:
-            spec = spec.model_copy(update={"budget": spec.budget.model_copy(update=updates)})
-        methods = list(spec.methods)
-        data_dir = data_dir or spec.data_dir
-        output_dir = Path(output_dir or Path("runs") / spec.name)
-        if (Path(output_dir) / STATE).exists():
-            raise UserError(f"--output-dir: {output_dir} already holds a sweep; pass --resume to continue it")
+        spec = create_spec(spec_path, methods, num_samples, overrides)
+        out = Path(output_dir or Path("runs") / spec.name).resolve()
+        _check_output_dir(out)
         state = None
-    out = Path(output_dir).resolve()
-    where = str(spec.path or spec.name)
+        tracking_uri = use_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(out)
+    where = str(spec.path or (state.spec_path if state else spec.name))
 
-    task = load_task(spec.task, data_dir, max_train_samples=spec.max_train_samples,
-                     max_eval_samples=spec.max_eval_samples, seed=spec.seed)
-    metric, mode = resolve_metric(spec, task.metric, task.metric_mode)
-    model_path = resolve_model_path(spec.model)
-    out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or default_tracking_uri(out)
-    check_tracking_uri(tracking_uri)
-    _init_ray(ray_address, ray_temp_dir)
-    check_resources(spec, where)
-    _, tokenizer = load_model(model_path, task, lora=spec.lora.model_dump() if spec.lora else None)
-    train_ds, eval_ds = tokenize_task(task, tokenizer, spec.max_length, cache_dir=out / "cache")
-
-    if state is None:
-        state = {"sweep_id": uuid.uuid4().hex[:12], "spec": spec.model_dump(mode="json"), "spec_path": where,
-                 "data_dir": data_dir, "methods": methods, "tracking_uri": tracking_uri, "metric": metric,
-                 "mode": mode, "model_path": model_path, "arms": {}, "created": time.time()}
-        _write_json(out / STATE, state)
-
-    # -- 2. one Tuner per arm, each with its own study and the same budget -----------------------
-    tracker = SweepTracker(tracking_uri, spec.name, state["sweep_id"],
-                           artifact_location=default_artifact_location(out) if tracking_uri.startswith("sqlite") else None)
-    parent = tracker.start_sweep({"spec": state["spec"], "task": task.name, "metric": metric, "mode": mode,
-                                  "model": model_path, "methods": ",".join(methods)},
-                                 tags={"tune_dynsdpb.output_dir": str(out), "tune_dynsdpb.task": task.name})
-    state["parent_run_id"] = parent
-    job = Job(model_path=model_path, task=task, metric=metric, evals_per_epoch=spec.budget.evals_per_epoch,
-              seed=spec.seed, cpus_per_trial=spec.resources.cpus_per_trial,
-              gpus_per_trial=spec.resources.gpus_per_trial, workers_per_trial=spec.resources.workers_per_trial,
-              lora=spec.lora.model_dump() if spec.lora else None, training=spec.training_kwargs())
-    trainable = tune.with_resources(tune.with_parameters(train_dynsdpb, job=job, train_dataset=train_ds,
-                                                         eval_dataset=eval_ds), _trial_resources(spec))
-    table = ProgressTable(metric, enabled=progress)
-    results = []
-    for method in methods:
-        arm_state = state["arms"].setdefault(method, {"status": "pending"})
-        if arm_state["status"] == "done":
-            results.append(ArmResult(**arm_state["best"]))
-            continue
-        arm_run = tracker.start_arm(method)
-        experiment = out / "ray" / method
-        if resume and tune.Tuner.can_restore(str(experiment)):
-            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=False,
-                                       restart_errored=False)
+    with lock_folder(out):
+        check_tracking_uri(tracking_uri)
+        init_ray(ray_address, ray_temp_dir, verbose=verbose)
+        check_resources(spec, where)
+        model_path = state.model_path if state else _model_path(spec.model)
+        tasks = prepare_tasks(spec, model_path, out / "cache", where, data_dir=None if state else data_dir,
+                              callbacks=trainer_callbacks)
+        if state is None:
+            preflight(spec, tasks, where)
+            state = SweepState(
+                sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=where,
+                methods=list(spec.methods), num_samples=spec.budget.num_samples, tracking_uri=redact_uri(tracking_uri),
+                model_path=model_path, created=time.time(), storage_path=str(storage_path or out / "ray"),
+                tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=data_dir or t.spec.data_dir,
+                                    source=t.task.source, train_size=len(t.train), eval_size=len(t.eval),
+                                    data_hash=t.data_hash, baseline=t.baseline) for n, t in tasks.items()})
+            for n in tasks:
+                for m in spec.methods:
+                    state.arm(n, m)
+            state.save(out)
         else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    metric=metric, mode=mode, num_samples=spec.budget.num_samples,
-                    reuse_actors=True,  # no process start + torch/transformers import per trial
-                    max_concurrent_trials=_max_concurrent(spec),
-                    search_alg=create_searcher(spec, method, metric, mode, seed=spec.seed),
-                    scheduler=create_scheduler(spec)),
-                run_config=tune.RunConfig(
-                    name=method, storage_path=str(out / "ray"), verbose=0,
-                    callbacks=[tracker.trial_callback(method), table.for_arm(method)],
-                    failure_config=tune.FailureConfig(max_failures=2),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
-                                                            checkpoint_score_order=mode)))
-        arm_state["status"] = "running"
-        _write_json(out / STATE, state)
+            for n, t in tasks.items():
+                if t.data_hash != state.tasks[n].data_hash:
+                    raise UserError(f"{t.task.source}: the data of task {n} changed since the sweep started; "
+                                    "resume with the same data, or start a new sweep")
+        if progress:
+            print_header(state, out)
+
+        # -- 2. one experiment for every (task, arm) ------------------------------------------------
+        groups = [(n, m) for n in tasks for m in spec.methods]
+        tracker = SweepTracker(tracking_uri, spec.name, state.sweep_id,
+                               artifact_location=default_artifact_location(out) if tracking_uri.startswith("sqlite") else None)
+        state.parent_run_id = tracker.start_sweep(
+            {"spec": state.spec, "model": model_path, "methods": ",".join(spec.methods),
+             "tasks": ",".join(tasks)}, tags={"tune_dynsdpb.output_dir": str(out)})
+        for n, m in groups:
+            tracker.start_arm(n, m)
+        state.status = "running"
+        state.save(out)
+        trainable = create_trainable(spec, tasks)
+        storage = state.storage_path
+        experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
+        table = ProgressTable(state, enabled=progress)
+        callback = tracker.trial_callback(groups)
+        _fill_the_cluster(spec)
+        if resume and tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
+        else:
+            tuner = create_tuner(spec, groups, trainable, storage, [callback, _ProgressCallback()],
+                                 str(out / OPTUNA_JOURNAL))
         try:
-            grid = fit_tuner(tuner, spec.budget.num_samples)
+            grid = fit_tuner(tuner, len(groups) * spec.budget.num_samples, spec.budget.time_budget_s)
         except KeyboardInterrupt:  # Tune returned early and saved its state
-            _write_json(out / STATE, state)
+            callback.flush()
             table.close()
-            raise KeyboardInterrupt(f"sweep interrupted during arm {method!r}; continue it with "
-                                    f"tune-dynsdpb sweep --resume --output-dir {out}") from None
-        best = _best(grid, method, metric, mode)
-        _keep_best_checkpoints(grid, metric, mode)
-        if best.trial_id:
-            best.run_id = next((r.info.run_id for r in tracker.trial_runs(method)
-                                if r.data.tags.get("ray.trial_id") == best.trial_id), None)
-            tracker.record_best(method, best.run_id, best.config, metric, best.score)
-        tracker.finish_arm(method)
-        arm_state.update(status="done", best=best.__dict__, run_id=arm_run)
-        _write_json(out / STATE, state)
-        results.append(best)
-    tracker.finish_sweep()
-    state["finished"] = time.time()
-    _write_json(out / STATE, state)
-    table.close()
+            state.status = "interrupted"
+            state.save(out)
+            raise KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume "
+                                    f"--output-dir {out}") from None
+        finally:
+            table.close()
+        callback.flush()
+
+        # -- 3. what each arm got, and its best trial ---------------------------------------------
+        for n, m in groups:
+            state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
+        outcomes = collect_outcomes(grid, state)
+        tracker.delete_orphans({o["trial_id"] for o in outcomes})
+        _close_orphan_studies(spec, groups, str(out / OPTUNA_JOURNAL))
+        for arm in state.arms.values():
+            if arm.best is not None:
+                arm.best.run_id = tracker.find_trial_run(arm.task, arm.method, arm.best.trial_id)
+                t = state.tasks[arm.task]
+                tracker.record_best(arm.task, arm.method, arm.best.run_id, arm.best.config, t.metric, arm.best.score,
+                                    t.baseline)
+        _prune_checkpoints(grid, state)
+        state.disk_bytes = _disk_use(out)
+        state.status, state.finished = "finished", time.time()
+        state.save(out)
+        tracker.finish_sweep()
     if progress:
-        print_summary(results, state, out)
-    return results
+        print_summary(state, out)
+    return state
 
 
-def _trial_resources(spec: SweepSpec):
-    from trainables.distributed import create_trial_resources
-    r = spec.resources
-    return create_trial_resources(r.cpus_per_trial, r.gpus_per_trial, r.workers_per_trial)
+def _model_path(model: str) -> str:
+    from .run import resolve_model_path
+    return resolve_model_path(model)
 
 
-def _max_concurrent(spec: SweepSpec) -> int | None:
-    """Multi-worker trials reserve their workers outside Tune's view, so Tune must be told how many fit."""
-    from trainables.distributed import max_concurrent_ddp_trials
-    r = spec.resources
-    caps = [c for c in (spec.budget.max_concurrent,
-                        max_concurrent_ddp_trials(r.cpus_per_trial, r.gpus_per_trial) if r.distributed else None) if c]
-    return min(caps) if caps else None
+def _fill_the_cluster(spec: SweepSpec) -> None:
+    """With a search algorithm Tune keeps one pending trial by default; let it queue as many as
+    the cluster has slots, so new trials start as fast as old ones end."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    slots = int(cpus // max(spec.resources.cpus_per_trial, 1e-9)) or 1
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(slots, 2)))
 
 
-def fit_tuner(tuner, budget: int):
-    """``tuner.fit()``, raising KeyboardInterrupt if Ctrl-C ended it early.
+def create_tuner(spec: SweepSpec, groups: list, trainable, storage: str, callbacks: list, journal: str | None):
+    from .searching import create_journal_storage, create_scheduler, create_searcher
 
-    Tune swaps in its own SIGINT handler for the run and puts the previous one back only when the
-    signal arrives, so the handler in place afterwards tells whether the run was interrupted; the
-    trial states catch the rest (interrupted trials are left TERMINATED but not ``done``).
-    """
+    storage_obj = create_journal_storage(journal) if journal else None
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=R.OBJECTIVE, mode=R.MODE, num_samples=len(groups) * spec.budget.num_samples,
+            reuse_actors=True,  # no process start + torch/transformers import per trial
+            max_concurrent_trials=max_concurrent(spec), time_budget_s=spec.budget.time_budget_s,
+            search_alg=create_searcher(spec, groups, storage_obj), scheduler=create_scheduler(spec, groups)),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=R.OBJECTIVE,
+                                                    checkpoint_score_order=R.MODE)))
+
+
+def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = None):
+    """``tuner.fit()``; raises KeyboardInterrupt if Ctrl-C or SIGTERM ended it early.
+
+    SIGTERM (a preempted node, Slurm, Kubernetes) is turned into the SIGINT that Tune handles:
+    Tune saves the experiment and returns. Tune swaps in its own SIGINT handler for the run and
+    puts the previous one back only when the signal arrives, so the handler in place afterwards
+    tells whether the run was interrupted; the results' ``done`` flags catch the rest."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if main else None
-    grid = tuner.fit()
+    start = time.monotonic()
+    term = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT)) if main else None
+    try:
+        grid = tuner.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, term)
     interrupted = False
     if main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
         interrupted = signal.getsignal(signal.SIGINT) is before
         signal.signal(signal.SIGINT, before)
-    if interrupted or not _complete(grid, budget):
+    time_up = time_budget_s is not None and time.monotonic() - start >= time_budget_s
+    if interrupted or (budget is not None and not time_up and not complete(grid, budget)):
         raise KeyboardInterrupt
     return grid
 
 
-def _complete(grid, budget: int) -> bool:
-    """Whether every budgeted trial of the arm has ended (finished, stopped or failed)."""
-    # An interrupt also leaves running trials TERMINATED; only a trial that ended on its own (or
-    # that the scheduler stopped) has ``done`` in its last result.
-    trials = grid._experiment_analysis.trials
-    return len(trials) >= budget and all(
-        t.status == "ERROR" or (t.status == "TERMINATED" and (t.last_result or {}).get("done")) for t in trials)
+def complete(grid, budget: int) -> bool:
+    """Whether every budgeted trial has ended on its own, by the scheduler, or in an error (an
+    interrupt leaves running trials TERMINATED without ``done``)."""
+    results = list(grid)
+    return len(results) >= budget and all(r.error is not None or (r.metrics or {}).get("done") for r in results)
 
 
-def _best(grid, method: str, metric: str, mode: str) -> ArmResult:
-    """The arm's best trial by its best reported score (not only the last one)."""
-    best = None
+def collect_outcomes(grid, state: SweepState) -> list[dict]:
+    """Fills each arm's counts, failure reasons and best trial (by its best report; failed trials
+    never count) into ``state``; returns one record per trial."""
+    records = []
     for result in grid:
-        if result.metrics_dataframe is None or metric not in result.metrics_dataframe:
+        config, last = result.config or {}, result.metrics or {}
+        task, method = config.get(R.TASK), config.get(R.METHOD)
+        if task not in state.tasks:
             continue
-        scores = result.metrics_dataframe[metric].dropna()
+        arm = state.arm(task, method)
+        outcome = R.classify(last, result.error is not None)
+        arm.started += 1
+        arm.counts[outcome.value] = arm.counts.get(outcome.value, 0) + 1
+        reason = R.failure_reason(last) or (str(result.error).strip().splitlines()[-1][:200] if result.error else None)
+        if reason and reason not in arm.failures and len(arm.failures) < 5:
+            arm.failures.append(reason)
+        records.append({"trial_id": last.get("trial_id") or getattr(result, "path", ""), "task": task,
+                        "method": method, "outcome": outcome.value})
+        df = result.metrics_dataframe
+        if outcome is R.Outcome.FAILED or df is None or R.OBJECTIVE not in df:
+            continue
+        scores = df[R.OBJECTIVE].dropna()
         if scores.empty:
             continue
-        score = float(scores.max() if mode == "max" else scores.min())
-        if best is None or (score > best[0] if mode == "max" else score < best[0]):
-            best = (score, result)
-    if best is None:
-        return ArmResult(method, metric, None, {}, None, None, len(grid))
-    score, result = best
-    ckpt = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
-    config = {k: v for k, v in result.config.items()}
-    return ArmResult(method, metric, score, config, result.metrics.get("trial_id"), ckpt.path if ckpt else None,
-                     len(grid))
+        best_obj = float(scores.max())
+        if arm.best is None or best_obj > R.objective(arm.best.score, state.tasks[task].mode):
+            ckpt = result.get_best_checkpoint(R.OBJECTIVE, R.MODE) if result.best_checkpoints else None
+            score = best_obj if state.tasks[task].mode == "max" else -best_obj
+            arm.best = BestTrial(trial_id=str(last.get("trial_id")), score=score, config=dict(config),
+                                 checkpoint=ckpt.path if ckpt else None)
+    return records
 
 
-def _keep_best_checkpoints(grid, metric: str, mode: str) -> None:
-    """Checkpoints are bounded during the run (num_to_keep); afterwards only each trial's best stays."""
-    for result in grid:
-        if not result.best_checkpoints:
+def _close_orphan_studies(spec: SweepSpec, groups: list, journal: str) -> None:
+    """Optuna trials a killed driver left RUNNING (their Tune trials came back under new ids) are
+    marked FAIL, so the studies hold exactly the sweep's trials as COMPLETE/PRUNED/FAIL."""
+    import optuna
+
+    from .searching import create_journal_storage, study_name
+
+    if not Path(journal).exists():
+        return
+    storage = create_journal_storage(journal)
+    for g in groups:
+        try:
+            study = optuna.load_study(study_name=study_name(spec.name, g), storage=storage)
+        except KeyError:
             continue
-        keep = result.get_best_checkpoint(metric, mode)
-        for ckpt, _ in result.best_checkpoints:
-            if keep is not None and ckpt.path != keep.path and os.path.isdir(ckpt.path):
+        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
+def _prune_checkpoints(grid, state: SweepState) -> None:
+    """Each trial keeps its best checkpoint only; of those, only each arm's best keeps the
+    optimizer and scheduler state (what a resumed training would need)."""
+    keep = {a.best.checkpoint for a in state.arms.values() if a.best and a.best.checkpoint}
+    for result in grid:
+        best = result.get_best_checkpoint(R.OBJECTIVE, R.MODE) if result.best_checkpoints else None
+        for ckpt, _ in result.best_checkpoints or []:
+            if best is not None and ckpt.path != best.path and os.path.isdir(ckpt.path):
                 shutil.rmtree(ckpt.path, ignore_errors=True)
+        if best is not None and best.path not in keep and os.path.isdir(best.path):
+            for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+                for f in Path(best.path).rglob(name):
+                    f.unlink(missing_ok=True)
+
+
+def _disk_use(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+# -- the console ----------------------------------------------------------------------------------
+def print_header(state: SweepState, out: Path) -> None:
+    from rich.console import Console
+
+    c = Console()
+    tasks = ", ".join(f"{n} ({t.train_size} train / {t.eval_size} eval, {t.metric.removeprefix('eval_')})"
+                      for n, t in state.tasks.items())
+    c.print(f"[bold]sweep {state.spec['name']}[/bold]: {tasks}")
+    c.print(f"model {state.model_path}; arms {', '.join(state.methods)} × {state.num_samples} trials each")
+    c.print(f"MLflow {state.tracking_uri}; folder {out}")
 
 
 class ProgressTable:
-    """A live table of trials (arm, trial, params, latest metric, status), drawn with rich."""
+    """A live table with one row per (task, arm): trials done/running/pending, best so far, ETA."""
 
-    current: "ProgressTable | None" = None  # the driver's table; callbacks look it up when called
+    current: "ProgressTable | None" = None  # the driver's table; the Tune callback looks it up
 
-    def __init__(self, metric: str, enabled: bool = True):
-        self.metric, self.enabled = metric, enabled
-        self.rows: dict[str, dict] = {}
+    def __init__(self, state: SweepState, enabled: bool = True):
+        self.state, self.enabled = state, enabled
+        self.trials: dict[str, dict] = {}
+        self.start = time.time()
         self._live = None
         ProgressTable.current = self
 
-    def for_arm(self, method: str) -> "_ProgressCallback":
-        return _ProgressCallback(method)
-
-    def update(self, method, trial, status, result=None) -> None:
+    def update(self, trial, status: str, result: dict | None = None) -> None:
         if not self.enabled:
             return
-        row = self.rows.setdefault(trial.trial_id, {"arm": method, "params": _short(trial.config), "metric": None})
+        c = trial.config or {}
+        row = self.trials.setdefault(trial.trial_id, {"group": (c.get(R.TASK), c.get(R.METHOD)), "best": None})
         row["status"] = status
-        if result and self.metric in result:
-            row["metric"] = result[self.metric]
-            row["step"] = result.get("step")
+        if result and R.finite(result.get(R.OBJECTIVE)):
+            row["best"] = max(row["best"], result[R.OBJECTIVE]) if row["best"] is not None else result[R.OBJECTIVE]
         self._render()
 
     def _render(self) -> None:
         from rich.live import Live
         from rich.table import Table
 
-        t = Table(title="tune-dynsdpb sweep", expand=False)
-        for col in ("arm", "trial", "params", self.metric, "step", "status"):
+        n = self.state.num_samples
+        t = Table(title=f"tune-dynsdpb sweep {self.state.spec['name']}", expand=False)
+        for col in ("task", "arm", "done", "running", "pending", "failed", "best so far", "ETA"):
             t.add_column(col)
-        for tid, r in self.rows.items():
-            m = r["metric"]
-            t.add_row(r["arm"], tid, r["params"], "" if m is None else f"{m:.4f}", str(r.get("step", "")), r["status"])
+        elapsed = time.time() - self.start
+        for key, arm in self.state.arms.items():
+            rows = [r for r in self.trials.values() if r["group"] == (arm.task, arm.method)]
+            done = sum(r["status"] in ("DONE", "STOPPED", "FAILED") for r in rows)
+            running = sum(r["status"] == "RUNNING" for r in rows)
+            failed = sum(r["status"] == "FAILED" for r in rows)
+            objs = [r["best"] for r in rows if r["best"] is not None]
+            mode = self.state.tasks[arm.task].mode
+            best = "" if not objs else f"{(max(objs) if mode == 'max' else -max(objs)):.4f}"
+            eta = "" if not done else f"{elapsed / done * (n - done):.0f} s" if done < n else "-"
+            t.add_row(arm.task, arm.method, f"{done}/{n}", str(running), str(max(0, n - done - running)),
+                      str(failed), best, eta)
         if self._live is None:
             self._live = Live(t, refresh_per_second=2, transient=False)
             self._live.start()
@@ -351,18 +417,14 @@ class ProgressTable:
         if self._live is not None:
             self._live.stop()
             self._live = None
-        ProgressTable.current = None
 
 
 class _ProgressCallback(tune.Callback):
-    """Feeds the driver's ProgressTable. Holds only the arm's name, so Tune can pickle it."""
-
-    def __init__(self, method: str):
-        self.method = method
+    """Feeds the driver's ProgressTable; holds nothing, so Tune can pickle it."""
 
     def _update(self, trial, status, result=None):
         if ProgressTable.current is not None:
-            ProgressTable.current.update(self.method, trial, status, result)
+            ProgressTable.current.update(trial, status, result)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._update(trial, "RUNNING")
@@ -371,35 +433,59 @@ class _ProgressCallback(tune.Callback):
         self._update(trial, "RUNNING", result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        self._update(trial, "FAILED" if last.get("dynsdpb_failure") else "DONE" if last.get("final") else "STOPPED")
+        outcome = R.classify(trial.last_result)
+        self._update(trial, {R.Outcome.FINISHED: "DONE", R.Outcome.STOPPED: "STOPPED"}.get(outcome, "FAILED"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._update(trial, "ERROR")
+        self._update(trial, "FAILED")
 
 
-def _short(config: dict) -> str:
+def short_config(config: dict) -> str:
     keys = ("learning_rate", "per_device_train_batch_size", "alpha0", "tau0", "lambda_alpha", "lambda_tau",
-            "granularity")
+            "distill_warmup", "granularity")
     names = {"learning_rate": "lr", "per_device_train_batch_size": "B"}
-    parts = [f"{names.get(k, k)}={config[k]:.3g}" if isinstance(config[k], float) else f"{names.get(k, k)}={config[k]}"
-             for k in keys if k in config]
-    return " ".join(parts)
+    return " ".join(f"{names.get(k, k)}={config[k]:.3g}" if isinstance(config[k], float) else
+                    f"{names.get(k, k)}={config[k]}" for k in keys if k in config)
 
 
-def print_summary(results: list[ArmResult], state: dict, out: Path) -> None:
+def arm_problems(state: SweepState) -> list[str]:
+    """One line per arm that has no scored trial, e.g. ``rte/dlb: 8 of 8 trials failed: ...``."""
+    lines = []
+    for key, arm in state.arms.items():
+        if arm.best is None:
+            failed = arm.counts.get(R.Outcome.FAILED.value, 0)
+            why = f": {arm.failures[0]}" if arm.failures else ""
+            lines.append(f"{key}: {failed} of {arm.started} trials failed{why}" if arm.started
+                         else f"{key}: no trial ran")
+    return lines
+
+
+def print_summary(state: SweepState, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"best per arm ({state['metric']}, {state['mode']})")
-    for col in ("arm", "score", "trials", "config", "MLflow run"):
-        t.add_column(col)
-    for r in results:
-        t.add_row(r.method, "-" if r.score is None else f"{r.score:.4f}", str(r.trials), _short(r.config),
-                  r.run_id or "-")
     console = Console()
-    console.print(t)
-    uri = state["tracking_uri"]
-    console.print(f"MLflow: experiment '{state['spec']['name']}', parent run {state.get('parent_run_id')}")
+    for name, task in state.tasks.items():
+        t = Table(title=f"{name}: best per arm ({task.metric}, {task.mode})")
+        t.add_column("arm")
+        t.add_column("score")
+        t.add_column("vs trivial baseline", no_wrap=True)
+        t.add_column("trials fin/stop/fail", no_wrap=True)
+        t.add_column("best config")
+        for m in state.methods:
+            arm = state.arms.get(f"{name}/{m}")
+            if arm is None:
+                continue
+            b = arm.best
+            t.add_row(m, "-" if b is None else f"{b.score:.4f}",
+                      learned_line(b.score if b else None, task.baseline, task.metric, task.mode),
+                      "/".join(str(arm.counts.get(o.value, 0)) for o in R.Outcome), short_config(b.config) if b else "-")
+        console.print(t)
+    uri = state.tracking_uri
+    console.print(f"MLflow: experiment '{state.spec['name']}', parent run {state.parent_run_id}")
     console.print(f"  mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"  {uri}")
-    console.print(f"Sweep folder: {out}")
+    console.print(f"  optuna-dashboard {out / OPTUNA_JOURNAL}")
+    if state.disk_bytes is not None:
+        console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
+    for line in arm_problems(state):
+        console.print(f"[red]no scored trial[/red]: {line}")

@@ -1,56 +1,54 @@
 """MLflow tracking for a sweep, logged from the Ray Tune driver only.
 
-Run tree (one MLflow experiment per sweep)::
+Run tree (one MLflow experiment per sweep, nested so the UI expands it)::
 
-    experiment <experiment_name>
-    └── sweep run          tags: tune_dynsdpb.sweep_id=<id>, tune_dynsdpb.role=sweep
-        ├── arm run        tags: role=arm, tune_dynsdpb.arm=vanilla, mlflow.parentRunId=<sweep>
-        │   ├── trial run  tags: role=trial, arm=vanilla, ray.trial_id=<id>, mlflow.parentRunId=<arm>
-        │   └── trial run  ...
-        ├── arm run        (dlb)      ...
-        └── arm run        (dynsdpb)  ...
+    experiment <sweep name>                      tag mlflow.experimentKind: training runs
+    └── <sweep name>             role=sweep      tune_dynsdpb.sweep_id=<id>
+        └── rte                  role=task       tune_dynsdpb.task=rte
+            ├── rte · dlb        role=arm        tune_dynsdpb.arm=dlb
+            │   ├── rte · dlb · trial 1          role=trial, ray.trial_id=<id>
+            │   └── ...
+            ├── rte · finals-epochs              (compare's finals)
+            └── ...
 
 Every run is found by its identifying tags before one is created, so a restarted driver
 (``Tuner.restore``) reuses the runs it made before. Workers never touch MLflow: SQLite does
 not take concurrent writers well, and one writer (the driver) keeps the store consistent.
 
-Trial end states (``on_trial_complete`` fires for both a trial that ran to its end and one
-the scheduler stopped, and Tune marks both ``done=True``), so the trainable's *last* report
-decides:
-
-* key ``dynsdpb_failure`` (a reason string)  -> FAILED, tag ``tune_dynsdpb.failure``
-* key ``final`` truthy (the trainable's own last report) -> FINISHED
-* otherwise (stopped early by the scheduler or a stop criterion) -> KILLED,
-  tag ``tune_dynsdpb.stopped_by=scheduler``
-
-A crash Tune retries keeps the run RUNNING and bumps tag ``tune_dynsdpb.retries``; a permanent
-error is FAILED with tag ``tune_dynsdpb.error``.
+The trial callback never writes in Tune's event loop: it queues each write for one background
+thread (:class:`_Writer`), which batches metrics with ``log_batch`` and retries a store that is
+slow or briefly unreachable with backoff, in order, losing nothing; the sweep waits for the queue
+to drain at its end. Trial outcomes follow :func:`tune_dynsdpb.results.classify`: FINISHED,
+KILLED (stopped by the scheduler, tag ``tune_dynsdpb.stopped_by``) or FAILED (tag
+``tune_dynsdpb.failure`` or ``tune_dynsdpb.error``). Credentials never reach a record: URIs are
+stored redacted (:func:`redact_uri`), and secrets go to MLflow through its own environment
+variables (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``/``_TOKEN``, ``MLFLOW_TRACKING_INSECURE_TLS``, ...).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
+import queue
 import re
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
-
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
-import ray.cloudpickle as ray_pickle
 from ray.tune import Callback
 
-from tune_dynsdpb.errors import UserError
+from . import results as R
+from .errors import UserError
 
 TAG_SWEEP = "tune_dynsdpb.sweep_id"
 TAG_ROLE = "tune_dynsdpb.role"
+TAG_TASK = "tune_dynsdpb.task"
 TAG_ARM = "tune_dynsdpb.arm"
 TAG_TRIAL = "ray.trial_id"
 TAG_PARENT = "mlflow.parentRunId"
@@ -58,16 +56,50 @@ TAG_FAILURE = "tune_dynsdpb.failure"
 TAG_STOPPED_BY = "tune_dynsdpb.stopped_by"
 TAG_RETRIES = "tune_dynsdpb.retries"
 TAG_ERROR = "tune_dynsdpb.error"
+TAG_KIND = "mlflow.experimentKind"
+KIND_TRAINING = "custom_model_development"  # the UI opens such an experiment on its training runs
 
 # Tune bookkeeping in every result that is not a metric worth a chart.
-_SKIP_KEYS = {"config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp",
-              "checkpoint_dir_name", "should_checkpoint", "done", "experiment_tag"}
+_SKIP_KEYS = {"config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp", R.TASK, R.METHOD,
+              "checkpoint_dir_name", "should_checkpoint", "done", "experiment_tag", R.FAILURE}
 _MAX_KEY, _MAX_PARAM, _MAX_TAG = 250, 6000, 8000
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. :/]")  # MLflow rejects a whole batch over one bad key
+log = logging.getLogger(__name__)
 
 
 def _key(k: str) -> str:
     return _BAD_KEY_CHARS.sub("_", k)[:_MAX_KEY]
+
+
+def one_line(exc: BaseException | str) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# -- URIs and credentials -------------------------------------------------------------------------
+def redact_uri(uri: str) -> str:
+    """``uri`` without the password (or token) in its user info: ``https://user:***@host``."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None and not (parts.username and "token" in parts.username.lower()):
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else f"***@{host}"))
+
+
+def use_tracking_uri(uri: str) -> str:
+    """The URI to store and print: credentials in ``http(s)://user:pw@host`` move to MLflow's
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` for this process (database URIs keep them, since
+    their drivers read them there, but are only ever stored and printed redacted)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https") and parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return uri
 
 
 def default_tracking_uri(output_dir) -> str:
@@ -78,37 +110,21 @@ def default_artifact_location(output_dir) -> str:
     return (Path(output_dir).resolve() / "mlartifacts").as_uri()
 
 
-def _one_line(exc: BaseException | str) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Raise :class:`UserError` naming ``uri`` when the tracking store cannot be used."""
+def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
+    """Raise :class:`UserError` naming ``uri`` (redacted) when the tracking store cannot be used."""
+    shown = redact_uri(uri)
     scheme = urllib.parse.urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        base = uri.rstrip("/")
-        try:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=timeout).close()
-            except urllib.error.HTTPError:  # no /health there (a proxy, a prefix): ask the API
-                urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/search?max_results=1",
-                                       timeout=timeout).close()
-        except Exception as e:  # noqa: BLE001 - any failure means "unreachable"
-            raise UserError(f"MLflow tracking URI {uri} is unreachable: {_one_line(e)}") from None
-        return
     if scheme.startswith("sqlite"):
         path = uri.split("://", 1)[1][1:] if "://" in uri else ""
         if path in ("", ":memory:"):
             return
         db, folder = Path(path), Path(path).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise UserError(f"MLflow tracking URI {uri}: folder {folder} does not exist or is not writable")
+            raise UserError(f"MLflow tracking URI {shown}: folder {folder} does not exist or is not writable")
         if db.exists() and not os.access(db, os.R_OK | os.W_OK):
-            raise UserError(f"MLflow tracking URI {uri}: database {db} is not writable")
+            raise UserError(f"MLflow tracking URI {shown}: database {db} is not writable")
         return
-    # Anything else: ask MLflow itself, in a thread so a hanging store cannot block us.
-    err: list[BaseException] = []
+    err: list[BaseException] = []  # ask MLflow itself, in a thread so a hanging store cannot block us
 
     def probe():
         try:
@@ -120,11 +136,13 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     t.start()
     t.join(timeout)
     if t.is_alive():
-        raise UserError(f"MLflow tracking URI {uri} did not answer within {timeout:g} s")
+        raise UserError(f"MLflow tracking URI {shown} did not answer within {timeout:g} s")
     if err:
-        raise UserError(f"MLflow tracking URI {uri} is not usable: {_one_line(err[0])}")
+        text = one_line(err[0]).replace(uri, shown)
+        raise UserError(f"MLflow tracking URI {shown} is not usable: {text}")
 
 
+# -- values ---------------------------------------------------------------------------------------
 def _flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
     out = {}
     for k, v in d.items():
@@ -136,7 +154,7 @@ def _flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
     return out
 
 
-def _params(d: dict) -> dict[str, str]:
+def params_of(d: dict) -> dict[str, str]:
     out = {}
     for k, v in _flatten(d).items():
         if v is None or isinstance(v, (str, int, float, bool)):
@@ -150,12 +168,21 @@ def _params(d: dict) -> dict[str, str]:
     return out
 
 
-def _filter(tags: dict) -> str:
+def metrics_of(result: dict, now_ms: int) -> tuple[int, list[Metric]]:
+    step = int(result.get(R.STEP, result.get("training_iteration", 0)) or 0)
+    out = [Metric(_key(k), float(v), now_ms, step)
+           for k, v in _flatten({k: v for k, v in result.items() if k not in _SKIP_KEYS}, sep="/").items()
+           if isinstance(v, numbers.Real)]  # bools too; NaN/inf are kept
+    return step, out
+
+
+def ident_filter(tags: dict) -> str:
+    """An MLflow search filter matching every tag of ``tags``."""
     return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
 
 
 def _find_or_create(client: MlflowClient, exp_id: str, ident: dict, extra: dict, name: str) -> str:
-    found = client.search_runs([exp_id], _filter(ident), max_results=1,
+    found = client.search_runs([exp_id], ident_filter(ident), max_results=1,
                                order_by=["attributes.start_time ASC"])  # the oldest, if ever two
     if found:
         return found[0].info.run_id
@@ -163,8 +190,7 @@ def _find_or_create(client: MlflowClient, exp_id: str, ident: dict, extra: dict,
 
 
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    # A reused run already has its params; MLflow refuses to overwrite them with new values.
-    have = client.get_run(run_id).data.params
+    have = client.get_run(run_id).data.params  # a reused run has its params; MLflow refuses changes
     todo = [Param(k, v) for k, v in params.items() if k not in have]
     for i in range(0, len(todo), 100):
         client.log_batch(run_id, params=todo[i:i + 100])
@@ -175,27 +201,30 @@ def _reopen(client: MlflowClient, run_id: str) -> None:
         client.update_run(run_id, status="RUNNING")
 
 
+# -- the sweep's runs -----------------------------------------------------------------------------
 class SweepTracker:
-    """Owns the sweep and arm runs; hands one :class:`MLflowTrialCallback` per arm to Tune."""
+    """Owns the sweep, task and arm runs; hands Tune one :class:`MLflowTrialCallback`."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, sweep_id: str,
                  artifact_location: str | None = None):
         if "'" in sweep_id or '"' in sweep_id:
             raise UserError(f"sweep id {sweep_id!r} must not contain quotes")
-        self.tracking_uri, self.sweep_id = tracking_uri, sweep_id
+        self.tracking_uri, self.sweep_id, self.experiment_name = tracking_uri, sweep_id, experiment_name
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment_name)
         if exp is None:
             try:
-                self._exp_id = self.client.create_experiment(experiment_name, artifact_location)
+                self._exp_id = self.client.create_experiment(experiment_name, artifact_location,
+                                                             tags={TAG_KIND: KIND_TRAINING})
             except MlflowException:  # created meanwhile by someone else
                 self._exp_id = self.client.get_experiment_by_name(experiment_name).experiment_id
         else:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             self._exp_id = exp.experiment_id
+            self.client.set_experiment_tag(self._exp_id, TAG_KIND, KIND_TRAINING)
         self._parent: str | None = None
-        self._arms: dict[str, str] = {}
+        self._runs: dict[tuple, str] = {}
 
     @property
     def experiment_id(self) -> str:
@@ -204,161 +233,263 @@ class SweepTracker:
     @property
     def parent_run_id(self) -> str:
         if self._parent is None:
-            found = self.client.search_runs([self._exp_id], _filter(self._sweep_ident()), max_results=1)
+            found = self.client.search_runs([self._exp_id], ident_filter(self._ident("sweep")), max_results=1)
             if not found:
-                raise RuntimeError("start_sweep() has not been called for this sweep")
+                raise UserError(f"the sweep's parent run (sweep id {self.sweep_id}) is missing from "
+                                f"{redact_uri(self.tracking_uri)}")
             self._parent = found[0].info.run_id
         return self._parent
 
-    def _sweep_ident(self) -> dict:
-        return {TAG_SWEEP: self.sweep_id, TAG_ROLE: "sweep"}
+    def _ident(self, role: str, task: str | None = None, arm: str | None = None) -> dict:
+        ident = {TAG_SWEEP: self.sweep_id, TAG_ROLE: role}
+        if task is not None:
+            ident[TAG_TASK] = task
+        if arm is not None:
+            ident[TAG_ARM] = arm
+        return ident
 
     def start_sweep(self, params: dict, tags: dict | None = None) -> str:
-        self._parent = _find_or_create(self.client, self._exp_id, self._sweep_ident(), {}, self.sweep_id)
+        self._parent = _find_or_create(self.client, self._exp_id, self._ident("sweep"), {}, self.experiment_name)
         _reopen(self.client, self._parent)
-        _log_params(self.client, self._parent, _params(params))
+        _log_params(self.client, self._parent, params_of(params))
         for k, v in (tags or {}).items():
             self.client.set_tag(self._parent, k, str(v)[:_MAX_TAG])
         return self._parent
 
-    def _arm_run_id(self, method: str) -> str:
-        if method not in self._arms:
-            ident = {TAG_SWEEP: self.sweep_id, TAG_ROLE: "arm", TAG_ARM: method}
-            self._arms[method] = _find_or_create(self.client, self._exp_id, ident,
-                                                 {TAG_PARENT: self.parent_run_id}, method)
-        return self._arms[method]
+    def task_run(self, task: str) -> str:
+        if ("task", task) not in self._runs:
+            self._runs["task", task] = _find_or_create(self.client, self._exp_id, self._ident("task", task),
+                                                      {TAG_PARENT: self.parent_run_id}, task)
+        return self._runs["task", task]
 
-    def start_arm(self, method: str) -> str:
-        run_id = self._arm_run_id(method)
+    def arm_run(self, task: str, arm: str) -> str:
+        if ("arm", task, arm) not in self._runs:
+            self._runs["arm", task, arm] = _find_or_create(
+                self.client, self._exp_id, self._ident("arm", task, arm), {TAG_PARENT: self.task_run(task)},
+                f"{task} · {arm}")
+        return self._runs["arm", task, arm]
+
+    def start_arm(self, task: str, arm: str) -> str:
+        _reopen(self.client, self.task_run(task))
+        run_id = self.arm_run(task, arm)
         _reopen(self.client, run_id)
         return run_id
 
-    def trial_callback(self, method: str) -> MLflowTrialCallback:
-        return MLflowTrialCallback(self.tracking_uri, self._exp_id, self.sweep_id, method,
-                                   self._arm_run_id(method))
+    def trial_callback(self, groups: list[tuple[str, str]], arm: str | None = None) -> "MLflowTrialCallback":
+        """The callback that logs each trial under its (task, arm) run; ``arm`` files every trial
+        under that arm instead of its config's method (compare's ``finals-<budget>``)."""
+        return MLflowTrialCallback(self.tracking_uri, self._exp_id, self.sweep_id,
+                                   {g: self.arm_run(*g) for g in groups}, arm)
 
-    def find_trial_run(self, method: str, trial_id: str) -> str | None:
-        ident = {TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial", TAG_ARM: method, TAG_TRIAL: trial_id}
-        found = self.client.search_runs([self._exp_id], _filter(ident), max_results=1)
+    def find_trial_run(self, task: str, arm: str, trial_id: str) -> str | None:
+        found = self.client.search_runs([self._exp_id], ident_filter({**self._ident("trial", task, arm),
+                                                                      TAG_TRIAL: trial_id}), max_results=1)
         return found[0].info.run_id if found else None
 
-    def record_best(self, method: str, trial_run_id: str | None, config: dict, metric: str,
-                    value: float) -> None:
+    def record_best(self, task: str, arm: str, trial_run_id: str | None, config: dict, metric: str,
+                    value: float, baseline: float | None = None) -> None:
         now = int(time.time() * 1000)
         cfg = json.dumps(config, default=str, sort_keys=True)[:_MAX_TAG]
-        parent_tags = [RunTag(f"best.{method}.config", cfg)]
-        arm_tags = [RunTag("best.config", cfg)]
-        if trial_run_id:
-            parent_tags.append(RunTag(f"best.{method}.run_id", trial_run_id))
-            arm_tags.append(RunTag("best.run_id", trial_run_id))
-        self.client.log_batch(self.parent_run_id, tags=parent_tags,
-                              metrics=[Metric(f"best_{method}_{metric}", float(value), now, 0)])
-        self.client.log_batch(self._arm_run_id(method), tags=arm_tags,
+        up = [RunTag(f"best.{arm}.config", cfg)] + ([RunTag(f"best.{arm}.run_id", trial_run_id)] if trial_run_id else [])
+        arm_tags = [RunTag("best.config", cfg)] + ([RunTag("best.run_id", trial_run_id)] if trial_run_id else [])
+        self.client.log_batch(self.task_run(task), tags=up, metrics=[Metric(f"best_{arm}_{metric}", float(value), now, 0)]
+                              + ([Metric(f"baseline_{metric}", float(baseline), now, 0)] if baseline is not None else []))
+        self.client.log_batch(self.parent_run_id, tags=[RunTag(f"best.{task}.{arm}.config", cfg)],
+                              metrics=[Metric(f"best_{task}_{arm}_{metric}", float(value), now, 0)])
+        self.client.log_batch(self.arm_run(task, arm), tags=arm_tags,
                               metrics=[Metric(f"best_{metric}", float(value), now, 0)])
 
-    def finish_arm(self, method: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self._arm_run_id(method), status)
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
 
     def finish_sweep(self, status: str = "FINISHED") -> None:
+        for key, run_id in self._runs.items():
+            if key[0] in ("task", "arm") and self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status)
         self.client.set_terminated(self.parent_run_id, status)
 
-    def trial_runs(self, method: str | None = None) -> list[Run]:
-        ident = {TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial"}
-        if method is not None:
-            ident[TAG_ARM] = method
+    def trial_runs(self, task: str | None = None, arm: str | None = None) -> list[Run]:
+        return self.search(self._ident("trial", task, arm))
+
+    def search(self, ident: dict) -> list[Run]:
         runs, token = [], None
         while True:
-            page = self.client.search_runs([self._exp_id], _filter(ident), max_results=1000, page_token=token)
+            page = self.client.search_runs([self._exp_id], ident_filter(ident), max_results=1000, page_token=token)
             runs.extend(page)
             token = page.token
             if not token:
                 return runs
 
+    def delete_orphans(self, keep_trial_ids: set[str]) -> int:
+        """Soft-deletes trial runs whose Tune trial no longer exists (a trial a killed driver had
+        started after Tune's last state save comes back under a new id); returns how many."""
+        gone = [r for r in self.trial_runs() if r.data.tags.get(TAG_TRIAL) not in keep_trial_ids
+                and not r.data.tags.get(TAG_ARM, "").startswith("finals-")]
+        for r in gone:
+            self.client.delete_run(r.info.run_id)
+        return len(gone)
+
+
+class _Writer:
+    """The driver's one MLflow writer: a FIFO of writes done by a background thread, in order.
+
+    Consecutive metric writes of one run go out as one ``log_batch`` (up to 1000 metrics); a
+    write that fails is retried with backoff until it succeeds, so a slow or briefly unreachable
+    server delays logging but loses nothing and never holds Tune's loop."""
+
+    def __init__(self, uri: str, experiment_id: str, sweep_id: str, arm_runs: dict):
+        self.client = MlflowClient(uri)
+        self.exp_id, self.sweep_id, self.arm_runs = experiment_id, sweep_id, arm_runs
+        self.queue: queue.Queue = queue.Queue()
+        self.runs: dict[str, str] = {}       # trial id -> run id
+        self.last_step: dict[str, int] = {}  # trial id -> last step logged (a restored trial re-reports)
+        self.names: dict[tuple, int] = {}    # group -> trial runs named so far
+        self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, op: tuple) -> None:
+        self.queue.put(op)
+
+    def flush(self, timeout: float = 600.0) -> bool:
+        done = threading.Event()
+        self.queue.put(("flush", done))
+        return done.wait(timeout)
+
+    def _loop(self) -> None:
+        pending: list[tuple] = []
+        while True:
+            op = pending.pop(0) if pending else self.queue.get()
+            if op[0] == "metrics":  # gather what else is queued for the same run
+                while len(op[2]) < 1000:
+                    try:
+                        nxt = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt[0] == "metrics" and nxt[1] == op[1]:
+                        op = ("metrics", op[1], op[2] + nxt[2], max(op[3], nxt[3]))
+                    else:
+                        pending.append(nxt)
+                        break
+            delay = 0.5
+            while True:
+                try:
+                    self._do(op)
+                    break
+                except Exception as e:  # noqa: BLE001 - the store is down or slow: wait and retry
+                    log.warning("MLflow write failed (%s); retrying in %.0f s", one_line(e), delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+
+    def _run(self, trial_id: str, group: tuple) -> str:
+        if trial_id not in self.runs:
+            ident = {TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial", TAG_TASK: group[0], TAG_ARM: group[1],
+                     TAG_TRIAL: trial_id}
+            found = self.client.search_runs([self.exp_id], ident_filter(ident), max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                step = found[0].data.metrics.get(R.STEP)
+                self.last_step[trial_id] = int(step) if step is not None else -1
+            else:
+                n = self.names.get(group)
+                if n is None:
+                    n = len(self.client.search_runs([self.exp_id], ident_filter({k: v for k, v in ident.items()
+                                                                                 if k != TAG_TRIAL})))
+                self.names[group] = n + 1
+                run_id = self.client.create_run(self.exp_id, run_name=f"{group[0]} · {group[1]} · trial {n + 1}",
+                                                tags={**ident, TAG_PARENT: self.arm_runs[group]}).info.run_id
+                self.last_step[trial_id] = -1
+            self.runs[trial_id] = run_id
+        return self.runs[trial_id]
+
+    def _do(self, op: tuple) -> None:
+        kind = op[0]
+        if kind == "flush":
+            op[1].set()
+        elif kind == "start":
+            _, trial_id, group, params = op
+            run_id = self._run(trial_id, group)
+            _reopen(self.client, run_id)
+            _log_params(self.client, run_id, params)
+        elif kind == "metrics":
+            _, (trial_id, group), metrics, step = op
+            run_id = self._run(trial_id, group)
+            fresh = [m for m in metrics if m.step > self.last_step[trial_id]]
+            for i in range(0, len(fresh), 1000):
+                self.client.log_batch(run_id, metrics=fresh[i:i + 1000])
+            self.last_step[trial_id] = max(self.last_step[trial_id], step)
+        elif kind == "tags":
+            _, trial_id, group, tags = op
+            self.client.log_batch(self._run(trial_id, group), tags=[RunTag(k, v[:_MAX_TAG]) for k, v in tags.items()])
+        elif kind == "end":
+            _, trial_id, group, tags, status = op
+            run_id = self._run(trial_id, group)
+            if tags:
+                self.client.log_batch(run_id, tags=[RunTag(k, v[:_MAX_TAG]) for k, v in tags.items()])
+            self.client.set_terminated(run_id, status)
+
+
+_WRITERS: dict[tuple, _Writer] = {}  # one per (uri, sweep) in the driver process
+
 
 class MLflowTrialCallback(Callback):
-    """One MLflow run per Tune trial, written from the driver. Picklable: Tune stores the
-    callbacks in ``tuner.pkl`` and ``Tuner.restore`` brings this object back without a client."""
+    """One MLflow run per Tune trial, written from the driver through a :class:`_Writer`.
+    Picklable: Tune stores the callbacks in ``tuner.pkl``; ``Tuner.restore`` brings this object
+    back, which finds its runs again by their tags."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, sweep_id: str, method: str, arm_run_id: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, sweep_id: str, arm_runs: dict, arm: str | None = None):
         self.tracking_uri, self.experiment_id, self.sweep_id = tracking_uri, experiment_id, sweep_id
-        self.method, self.arm_run_id = method, arm_run_id
-        self._client: MlflowClient | None = None
-        self._runs: dict[str, str] = {}  # trial id -> run id; a cache only, MLflow tags are the truth
-
-    def __getstate__(self):
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        self.arm_runs, self.arm = dict(arm_runs), arm
 
     @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
+    def writer(self) -> _Writer:
+        key = (self.tracking_uri, self.sweep_id, self.arm)
+        if key not in _WRITERS:
+            _WRITERS[key] = _Writer(self.tracking_uri, self.experiment_id, self.sweep_id, self.arm_runs)
+        return _WRITERS[key]
 
-    def _run_id(self, trial) -> str:
-        tid = trial.trial_id
-        if tid not in self._runs:
-            ident = {TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial", TAG_ARM: self.method, TAG_TRIAL: tid}
-            self._runs[tid] = _find_or_create(self.client, self.experiment_id, ident,
-                                              {TAG_PARENT: self.arm_run_id}, str(trial) or tid)
-        return self._runs[tid]
+    def flush(self, timeout: float = 600.0) -> bool:
+        return self.writer.flush(timeout)
+
+    def _group(self, trial) -> tuple[str, str]:
+        c = trial.config or {}
+        return c.get(R.TASK), self.arm or c.get(R.METHOD)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        _reopen(self.client, run_id)
-        _log_params(self.client, run_id, _params(trial.config or {}))
+        self.writer.put(("start", trial.trial_id, self._group(trial), params_of(trial.config or {})))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        step = int(result.get("step", result.get("training_iteration", 0)) or 0)
-        now = int(time.time() * 1000)
-        metrics = []
-        for k, v in _flatten({k: v for k, v in result.items() if k not in _SKIP_KEYS}, sep="/").items():
-            if isinstance(v, numbers.Real):  # bools too; NaN/inf are kept
-                metrics.append(Metric(_key(k), float(v), now, step))
-        run_id = self._run_id(trial)
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        step, metrics = metrics_of(result, int(time.time() * 1000))
+        self.writer.put(("metrics", (trial.trial_id, self._group(trial)), metrics, step))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        run_id = self._run_id(trial)
-        if last.get("dynsdpb_failure"):
-            self.client.set_tag(run_id, TAG_FAILURE, str(last["dynsdpb_failure"])[:_MAX_TAG])
-            status = "FAILED"
-        elif last.get("final"):
-            status = "FINISHED"
-        else:  # Tune ended it before the trainable's own last report
-            self.client.set_tag(run_id, TAG_STOPPED_BY, "scheduler")
-            status = "KILLED"
-        self.client.set_terminated(run_id, status)
+        outcome = R.classify(last)
+        tags = {}
+        if outcome is R.Outcome.FAILED:
+            tags[TAG_FAILURE] = str(R.failure_reason(last))
+        elif outcome is R.Outcome.STOPPED:
+            tags[TAG_STOPPED_BY] = "scheduler"
+        status = {R.Outcome.FINISHED: "FINISHED", R.Outcome.STOPPED: "KILLED", R.Outcome.FAILED: "FAILED"}[outcome]
+        self.writer.put(("end", trial.trial_id, self._group(trial), tags, status))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        count = int(self.client.get_run(run_id).data.tags.get(TAG_RETRIES, "0")) + 1
-        self.client.set_tag(run_id, TAG_RETRIES, str(count))
+        self.writer.put(("tags", trial.trial_id, self._group(trial),
+                         {TAG_RETRIES: str(getattr(trial, "num_failures", 1))}))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        self.client.set_tag(run_id, TAG_ERROR, _error_line(trial)[:5000])
-        self.client.set_terminated(run_id, "FAILED")
+        self.writer.put(("end", trial.trial_id, self._group(trial), {TAG_ERROR: error_line(trial)[:5000]}, "FAILED"))
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
 
 
-def _error_line(trial) -> str:
-    """The user's exception as 'Type: message', not Ray's wrapper header. Error files land in
-    the trial's local driver folder first (synced to storage later), so read those first."""
+def error_line(trial) -> str:
+    """The user's exception as 'Type: message' from Tune's error text (its last line)."""
     try:
-        local = trial.pickled_error_file
-        if local and os.path.exists(local):
-            with open(local, "rb") as f:
-                err = ray_pickle.load(f)
-        else:
-            err = trial.get_pickled_error()
-        cause = getattr(err, "cause", None) or err  # RayTaskError wraps the user's exception
-        if cause is not None:
-            first = (str(cause).strip().splitlines() or [""])[0]
-            return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
-        local = trial.error_file
-        text = Path(local).read_text(errors="replace") if local and os.path.exists(local) else trial.get_error()
+        text = trial.get_error() if hasattr(trial, "get_error") else ""
     except Exception:  # noqa: BLE001 - never let error reporting crash the driver
         text = ""
+    if not text and getattr(trial, "error_file", None) and os.path.exists(trial.error_file):
+        text = Path(trial.error_file).read_text(errors="replace")
     lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
     return lines[-1] if lines else "unknown error"  # a traceback ends with "ValueError: boom"

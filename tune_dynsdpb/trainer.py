@@ -80,6 +80,10 @@ def check_method_args(args: Any) -> None:
         raise UserError(f"tau_range: must satisfy 0 < low <= tau0 <= high (got {args.tau_range!r}, tau0={args.tau0})")
 
 
+class TrainingDiverged(RuntimeError):
+    """Placeholder until the divergence checks land (method branch)."""
+
+
 class _WithSampleIds(Dataset):
     """Adds each row's index under ``SAMPLE_IDS``; keeps ``__getitems__`` for batched reads."""
 

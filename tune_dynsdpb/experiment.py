@@ -1,0 +1,218 @@
+"""The set-up that ``sweep`` and ``compare`` share: Ray, resources, and each task made ready.
+
+    init_ray(address)                       # local Ray, or join a cluster (token auth handled)
+    check_resources(spec)                   # a trial that no node can hold fails here, not in Tune
+    tasks = prepare_tasks(spec, ...)        # per task: data, metric/mode, tokenized splits, Job
+    preflight(spec, tasks)                  # one real step per task: settings that fail every trial fail once
+    trainable = create_trainable(spec, tasks)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .search_space import SweepSpec, TaskSpec, resolve_metric
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Our live table replaces Ray's console output; keep Ray, Optuna, datasets and transformers
+    to warnings (everything shows with ``verbose``)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+    if verbose:
+        return
+    import logging
+
+    import datasets
+    import optuna
+    import transformers
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    for name in ("alembic", "mlflow", "ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING if name != "alembic" else logging.ERROR)
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
+def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: bool = False) -> None:
+    """Starts a local Ray, or joins the cluster at ``address``. Ray 2.60's clusters use token
+    authentication: when a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``), joining turns it on; without one, the error says what to set."""
+    import ray
+
+    quiet_libraries(verbose)
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": verbose}
+    if address:
+        kwargs["address"] = address
+        if "RAY_AUTH_MODE" not in os.environ and _token_available():
+            os.environ["RAY_AUTH_MODE"] = "token"
+    elif temp_dir:
+        kwargs["_temp_dir"] = temp_dir
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no token to manage
+    try:
+        ray.init(**kwargs)
+    except ray.exceptions.AuthenticationError:
+        raise UserError(f"--ray-address: the Ray cluster at {address!r} rejected this driver's token: set "
+                        "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the head's token "
+                        "(`ray get-auth-token` on the head)") from None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "token" in text.lower():
+            raise UserError(f"--ray-address: the Ray cluster at {address!r} needs a token: set RAY_AUTH_MODE=token "
+                            "and RAY_AUTH_TOKEN (or ~/.ray/auth_token) from the head") from None
+        raise UserError(f"--ray-address: cannot join Ray at {address!r}: {text}") from None
+
+
+def check_resources(spec: SweepSpec, where: str) -> None:
+    """Rejects a per-trial request that no node (or, for multi-worker trials, no cluster) can meet."""
+    import ray
+
+    r = spec.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    workers = max(r.workers_per_trial, int(r.gpus_per_trial) if r.gpus_per_trial > 1 else 1)
+    cpu, gpu = r.cpus_per_trial / workers, (r.gpus_per_trial / workers if r.gpus_per_trial else 0)
+    fits = sum(int(min(n.get("CPU", 0) // cpu if cpu else 1e9, n.get("GPU", 0) // gpu if gpu else 1e9))
+               for n in nodes)
+    if fits < workers:
+        best = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        raise UserError(f"{where}: resources: a trial needs {workers} worker(s) of {cpu:g} CPU / {gpu:g} GPU but the "
+                        f"cluster's largest node has {best.get('CPU', 0):g} CPU / {best.get('GPU', 0):g} GPU")
+
+
+def trial_resources(spec: SweepSpec):
+    from trainables.distributed import create_trial_resources
+    r = spec.resources
+    return create_trial_resources(r.cpus_per_trial, r.gpus_per_trial, r.workers_per_trial)
+
+
+def max_concurrent(spec: SweepSpec) -> int | None:
+    """Multi-worker trials reserve their workers outside Tune's view, so Tune must be told how many fit."""
+    from trainables.distributed import max_concurrent_ddp_trials
+    r = spec.resources
+    caps = [c for c in (spec.budget.max_concurrent,
+                        max_concurrent_ddp_trials(r.cpus_per_trial, r.gpus_per_trial) if r.distributed else None) if c]
+    return min(caps) if caps else None
+
+
+@dataclass
+class PreparedTask:
+    """One task of a sweep, ready for trials: its data, metric, tokenized splits and Job."""
+    spec: TaskSpec
+    task: Any            # tune_dynsdpb.data.Task
+    metric: str
+    mode: str
+    train: Any           # tokenized datasets.Dataset
+    eval: Any
+    job: Any             # trainables.dynsdpb.Job
+    data_hash: str
+    baseline: float | None
+
+
+def data_hash(task) -> str:
+    """sha256 of the task's (subsampled) raw rows: a resumed sweep must train on the same data."""
+    h = hashlib.sha256()
+    for ds in (task.train, task.eval):
+        for batch in ds.iter(batch_size=1024):
+            h.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str, data_dir: str | None = None,
+                  callbacks: list | None = None) -> dict[str, PreparedTask]:
+    """Loads, checks and tokenizes every task of ``spec`` (``data_dir`` overrides the file's)."""
+    from trainables.dynsdpb import Job
+
+    from .baselines import trivial_baseline
+    from .data import load_task, tokenize_task
+    from .run import load_model
+
+    lora = spec.lora.model_dump() if spec.lora else None
+    out: dict[str, PreparedTask] = {}
+    for ts in spec.task_specs():
+        task = load_task(ts.task, data_dir or ts.data_dir, max_train_samples=ts.max_train_samples,
+                         max_eval_samples=ts.max_eval_samples, seed=spec.seed)
+        metric, mode = resolve_metric(ts, task.metrics or (task.metric,), task.metric, task.metric_mode, where)
+        try:
+            _, tokenizer = load_model(model_path, task, lora=lora)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. LoRA target modules the model does not have
+            raise UserError(f"{where}: task {task.name}: cannot build the model: {type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
+        train, evals = tokenize_task(task, tokenizer, ts.max_length, cache_dir=cache_dir)
+        r = spec.resources
+        job = Job(model_path=model_path, task=task, metric=metric, mode=mode,
+                  evals_per_epoch=spec.budget.evals_per_epoch, seed=spec.seed, cpus_per_trial=r.cpus_per_trial,
+                  gpus_per_trial=r.gpus_per_trial, workers_per_trial=r.workers_per_trial, lora=lora,
+                  training=spec.training_kwargs(), callbacks=list(callbacks or []))
+        baseline = None if task.kind == "causal_lm" else trivial_baseline(metric, task.eval["label"],
+                                                                           task.compute_metrics)
+        out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, data_hash(task), baseline)
+    return out
+
+
+def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> None:
+    """Two real training steps per task with the first arm's first point, in this process, so that
+    a setting that would fail in every trial (an unknown optimizer, fp16 on a CPU, LoRA modules the
+    model lacks, a tokenizer without a pad token, ...) fails once, now, with one line."""
+    from trainables.dynsdpb import fit
+
+    from .searching import create_points_to_evaluate
+    from .search_space import PAIRED, Choices, Range, config_name
+
+    method = next((m for m in spec.methods if m in PAIRED), spec.methods[0])
+    point: dict[str, Any] = {}
+    for name, p in spec.params.arm(method).items():
+        if isinstance(p, Range):
+            point[config_name(name)] = int(p.low) if p.int_ else p.low
+        elif isinstance(p, Choices):
+            point[config_name(name)] = p.choices[0]
+        else:
+            point[config_name(name)] = p
+    point.update((create_points_to_evaluate(spec, method) or [{}])[0])
+    point.setdefault("per_device_train_batch_size", 8)
+    for name, t in tasks.items():
+        job = t.job
+        if job.distributed:  # the DDP path runs in the trials only
+            continue
+        pre = type(job)(**{**job.__dict__, "training": {**job.training, "max_steps": 2}, "callbacks": []})
+        n = min(len(t.train), 2 * int(point["per_device_train_batch_size"]))
+        with tempfile.TemporaryDirectory(prefix="dynsdpb-preflight-") as work:
+            try:
+                fit({**point, "task": name, "method": method}, pre, t.train.select(range(n)),
+                    t.eval.select(range(min(len(t.eval), 8))), lambda metrics, ckpt: None, None, work)
+            except UserError as e:
+                raise UserError(f"{where}: task {name}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - any failure here would fail every trial
+                text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise UserError(f"{where}: task {name}: a training step with the {method} arm's first point "
+                                f"fails: {type(e).__name__}: {text}") from None
+
+
+def create_trainable(spec: SweepSpec, tasks: dict[str, PreparedTask], trainable=None):
+    """The Tune trainable with every task's Job and data by reference, and the trial's resources."""
+    from ray import tune
+
+    from trainables.dynsdpb import train_dynsdpb
+
+    jobs = {name: t.job for name, t in tasks.items()}
+    data = {name: (t.train, t.eval) for name, t in tasks.items()}
+    return tune.with_resources(tune.with_parameters(trainable or train_dynsdpb, jobs=jobs, data=data),
+                               trial_resources(spec))
