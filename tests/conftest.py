@@ -1,7 +1,9 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")  # the HF Trainer's own MLflow callback: we log ourselves
 os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("TUNE_DYNSDPB_CACHE", tempfile.mkdtemp(prefix="dynsdpb-test-cache-"))  # never ~/.cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -78,3 +81,21 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (2 CPUs), its files in a short tmp dir (unix socket
+    paths are limited to ~107 characters); the environment is put back afterwards."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_TMPDIR", tmp)
+    mp.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files: faster
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    mp.undo()
+    shutil.rmtree(tmp, ignore_errors=True)
