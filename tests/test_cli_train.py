@@ -1,6 +1,7 @@
 """`tune-dynsdpb train`: a real run, and every bad input ending in one line and exit status 2."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,17 @@ import sys
 import pytest
 
 from tune_dynsdpb.cli import main
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenized-cache")
+
+
+@pytest.fixture(autouse=True)
+def no_home_cache(token_cache, monkeypatch):
+    """`train` tokenizes into this module's temporary cache, never into ~/.cache (also in subprocesses)."""
+    monkeypatch.setenv("TUNE_DYNSDPB_CACHE", str(token_cache))
 
 
 def run_cli(capsys, *argv):
@@ -52,6 +64,7 @@ def corrupt(data_dir, tmp_path, edit):
 BAD = {
     "odd batch": (lambda d: None, ["--method", "dlb", "--batch-size", "7"], "--batch-size"),
     "batch below 2": (lambda d: None, ["--method", "dynsdpb", "--batch-size", "1"], "--batch-size"),
+    "odd batch, dlb_warmup": (lambda d: None, ["--method", "dlb_warmup", "--batch-size", "5"], "--batch-size"),
     "negative alpha0": (lambda d: None, ["--alpha0", "-1"], "--alpha0"),
     "zero tau0": (lambda d: None, ["--tau0", "0"], "--tau0"),
     "lambda_tau at -1": (lambda d: None, ["--lambda-tau", "-1"], "--lambda-tau"),
@@ -75,6 +88,8 @@ def test_bad_input(case, data_dir, tiny_bert, tmp_path, capsys):
     assert code == 2
     assert err.startswith("tune-dynsdpb: error:") and err.strip().count("\n") == 0
     assert expected in err
+    if expected.startswith("--"):  # a flag: the message starts with it
+        assert err.startswith(f"tune-dynsdpb: error: {expected}: ")
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -97,7 +112,8 @@ def test_labels_outside_the_head(data_dir, tiny_bert, tmp_path, capsys):
     cb.write_text(cb.read_text().replace('"label": "entailment"', '"label": "neutral"', 1))
     code, err = run_cli(capsys, "train", "--task", "cb", "--data-dir", str(d), "--model", str(tiny_bert),
                         "--output-dir", str(tmp_path / "o"), "--batch-size", "8")
-    assert code == 2 and "2" in err and "label" in err.lower()
+    assert code == 2
+    assert err.startswith("tune-dynsdpb: error: task cb: train label 2 does not fit a head of num_labels=2 ")
     assert not (tmp_path / "o").exists()
 
 
@@ -149,3 +165,63 @@ def test_load_model_seeds_a_new_head_whatever_ran_before(data_dir, tmp_path):
 
     assert torch.equal(head(7), head(7))
     assert not torch.equal(head(7), head(8))
+
+
+# ----------------------------------------------------------------------------- training numbers
+NUMBERS = [
+    ("--epochs", "0"), ("--epochs", "-1"), ("--max-steps", "0"), ("--max-steps", "-2"),
+    ("--batch-size", "0"), ("--batch-size", "-4"), ("--learning-rate", "0"), ("--learning-rate", "-1e-5"),
+    ("--gradient-accumulation-steps", "0"), ("--gradient-accumulation-steps", "-1"),
+    ("--max-length", "0"), ("--max-length", "-8"), ("--warmup-ratio", "1"), ("--weight-decay", "-0.1"),
+    ("--distill-warmup", "1.0"), ("--tau-range", "0", "5"),
+]
+
+
+@pytest.mark.parametrize("flag_value", NUMBERS, ids=[" ".join(n) for n in NUMBERS])
+def test_bad_training_numbers_are_rejected_before_anything_loads(flag_value, tmp_path, capsys):
+    """One line naming the flag, exit 2. The model and data folders do not exist: had anything been
+    loaded first, the error would name --model or the data instead."""
+    flag, *values = flag_value
+    out = tmp_path / "out"
+    given = [f"{flag}={values[0]}"] if len(values) == 1 else [flag, *values]  # "=": argparse takes -1e-5 as a value
+    argv = ["train", "--task", "rte", "--data-dir", str(tmp_path / "no-data"), "--model", str(tmp_path / "no-model"),
+            "--output-dir", str(out), "--batch-size", "8", "--method", "dlb_warmup", *given]
+    code, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith(f"tune-dynsdpb: error: {flag}: must ") and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_max_steps_minus_one_means_unset(data_dir, tiny_bert, tmp_path, capsys):
+    code, err = run_cli(capsys, *train_args(data_dir, tiny_bert, tmp_path / "out", "--method", "vanilla",
+                                            "--max-steps", "-1", "--epochs", "1", "--batch-size", "16"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["log_history"][-1]["step"] == 4  # 64 samples / 16, one epoch: --epochs decided
+
+
+def test_warmup_ratio_is_a_ratio(data_dir, tiny_bert, tmp_path, capsys):
+    """transformers >= 5 reads warmup_steps < 1 as a fraction of the steps: --warmup-ratio 0.5 of
+    4 steps is 2 warm-up steps (0, 1/2, 1 of the peak, then linear decay). Read as a step count it
+    would be 0 warm-up steps: 1e-3, 7.5e-4, 5e-4, 2.5e-4."""
+    code, err = run_cli(capsys, *train_args(data_dir, tiny_bert, tmp_path / "out", "--method", "vanilla",
+                                            "--batch-size", "16", "--logging-steps", "1", "--warmup-ratio", "0.5",
+                                            "--learning-rate", "1e-3"))
+    assert code == 0, err
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["log_history"]
+    rates = [h["learning_rate"] for h in history if "loss" in h]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_a_diverging_run_exits_1_and_leaves_nothing(data_dir, tiny_bert, tmp_path, capsys):
+    """A real divergence: learning rate 1e3 drives the tiny model to NaN within the first epoch."""
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, *train_args(data_dir, tiny_bert, out, "--learning-rate", "1e3"))
+    assert code == 1
+    assert "Traceback" not in err
+    # stderr also carries the progress bars (\r-separated); the error is one line of its own
+    errors = [line for line in re.split(r"[\r\n]", err) if "error" in line]
+    assert len(errors) == 1 and re.fullmatch(r"tune-dynsdpb: error: training diverged: non-finite ce_loss at step \d+",
+                                             errors[0]), err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))  # no model, no metrics.json

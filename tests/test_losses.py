@@ -123,3 +123,18 @@ def test_causal_lm_rows_skip_masked_tokens():
 def test_empty_rows_give_zero():
     assert consistency_kl(torch.zeros(0, 3), torch.zeros(0, 3), 1.0, 2.0).item() == 0.0
     assert not math.isnan(consistency_mse(torch.zeros(0), torch.zeros(0), 1.0).item())
+
+
+def test_dlb_warmup_term_is_dlbs(logits):
+    """dlb_warmup changes when the term applies (in the trainer), not the term itself."""
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    dlb = consistency_term(logits[0], logits[1], labels, method="dlb", alpha0=0.7, tau0=2.5)
+    warm = consistency_term(logits[0], logits[1], labels, method="dlb_warmup", alpha0=0.7, tau0=2.5)
+    assert torch.equal(dlb.loss, warm.loss) and torch.equal(dlb.tau, warm.tau)
+    with pytest.raises(ValueError, match="vanilla"):
+        consistency_term(logits[0], logits[1], labels, method="vanilla", alpha0=0.7, tau0=2.5)
+
+
+def test_default_clamp_range_lives_in_params():
+    from tune_dynsdpb import losses, params
+    assert losses.TAU_RANGE == params.PARAMS["tau_range"].default == (0.05, 20.0)

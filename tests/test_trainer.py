@@ -2,6 +2,7 @@
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 import helpers
 from tune_dynsdpb import DynSDPBConfig, DynSDPBTrainer, UserError
-from tune_dynsdpb.trainer import SAMPLE_IDS
+from tune_dynsdpb.params import METHODS
+from tune_dynsdpb.trainer import SAMPLE_IDS, TrainingDiverged
 
-METHODS = ["vanilla", "dlb", "dynsdpb"]
+assert METHODS == ("vanilla", "dlb", "dlb_warmup", "dynsdpb")
 
 
 def make_classification(tokenizer, n=32, regression=False, seed=0):
@@ -45,19 +47,20 @@ class Recorder(TrainerCallback):
             self.logs.append(dict(logs, step=state.global_step))
 
 
-def build(kind, model_dir, out, method, steps=4, batch=4, **kw):
+def build(kind, model_dir, out, method, steps=4, batch=4, model_kw=None, evaluate=False, **kw):
     tok = AutoTokenizer.from_pretrained(model_dir)
     if kind == "causal":
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **(model_kw or {}))
         ds, collator = make_causal(tok), DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, **(model_kw or {}))
         ds, collator = make_classification(tok, regression=kind == "regression"), DataCollatorWithPadding(tok)
-    kw = {"save_strategy": "no", "learning_rate": 1e-3, **kw}
+    kw = {"save_strategy": "no", "learning_rate": 1e-3, "logging_steps": 1, **kw}
     args = DynSDPBConfig(output_dir=str(out), method=method, per_device_train_batch_size=batch, max_steps=steps,
-                         logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **kw)
+                         report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **kw)
     rec = Recorder()
-    trainer = DynSDPBTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[rec])
+    trainer = DynSDPBTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds if evaluate else None,
+                             data_collator=collator, callbacks=[rec])
     return trainer, rec
 
 
@@ -84,7 +87,7 @@ def test_four_steps_each_method_and_head(kind, method, tiny_bert, tiny_bert_regr
             assert math.isfinite(log[key]), key
         assert log["alpha_min"] <= log["alpha_mean"] <= log["alpha_max"]
         assert log["tau_min"] <= log["tau_mean"] <= log["tau_max"]
-        if method == "dlb":
+        if method in ("dlb", "dlb_warmup"):  # dlb_warmup's distill_warmup defaults to 0: the term from step 2
             assert log["alpha_min"] == log["alpha_max"] == 1.0 and log["tau_mean"] == pytest.approx(3.0)
 
 
@@ -104,19 +107,50 @@ def test_zero_rates_give_dlb_losses(tiny_bert, tmp_path):
     assert runs["dlb"] == runs["dynsdpb"]
 
 
+def spy_ids(trainer):
+    """Records the sample ids of every training micro-batch, in order."""
+    seen, original = [], trainer.compute_loss
+
+    def spy(model, inputs, *a, **k):
+        if SAMPLE_IDS in inputs:
+            seen.append(inputs[SAMPLE_IDS].tolist())
+        return original(model, inputs, *a, **k)
+
+    trainer.compute_loss = spy
+    return seen
+
+
 def test_gradient_accumulation_keeps_chain_and_scale(tiny_bert, tmp_path):
-    """Accumulating 2 micro-batches of 4 walks the same chain as 2 steps of 4, so the same
-    samples meet the same targets; the logged loss is the mean over the micro-batches."""
-    acc, rec_acc = build("classification", tiny_bert, tmp_path / "acc", "dlb", steps=2, gradient_accumulation_steps=2)
+    """Accumulating 2 micro-batches of 4 walks the same chain as 4 steps of 4 without
+    accumulation, and each logged value is the mean over the step's micro-batches.
+
+    Both runs use learning rate 0, so they see the same weights and their micro-batch losses must
+    agree. Dropout (same seed, same order of forward passes) makes the soft targets differ from
+    the current outputs, so the consistency term is not zero."""
+    common = dict(learning_rate=0.0, model_kw={"hidden_dropout_prob": 0.1})
+    # build and train one after the other: building seeds the global RNG that dropout draws from
+    acc, rec_acc = build("classification", tiny_bert, tmp_path / "acc", "dlb", steps=2,
+                         gradient_accumulation_steps=2, **common)
+    ids_acc = spy_ids(acc)
     acc.train()
-    assert len(rec_acc.logs) == 2
-    for log in rec_acc.logs:
-        assert math.isfinite(log["loss"])
-    # the second optimizer step has two micro-batches with a consistency term
-    assert rec_acc.logs[1]["consistency_loss"] > 0
-    # ce + consistency is what the step optimised (up to the per-log averaging of the Trainer)
-    log = rec_acc.logs[1]
-    assert log["loss"] == pytest.approx(log["ce_loss"] + log["consistency_loss"], rel=1e-4)
+    plain, rec_plain = build("classification", tiny_bert, tmp_path / "plain", "dlb", steps=4, **common)
+    ids_plain = spy_ids(plain)
+    plain.train()
+    assert len(ids_acc) == len(ids_plain) == 4 and ids_acc == ids_plain  # the same chain, link by link
+    a, p = rec_acc.logs, rec_plain.logs
+    assert [log["step"] for log in a] == [1, 2] and [log["step"] for log in p] == [1, 2, 3, 4]
+    for step in (0, 1):
+        first, second = p[2 * step], p[2 * step + 1]
+        assert a[step]["loss"] == pytest.approx((first["loss"] + second["loss"]) / 2, rel=1e-5)
+        assert a[step]["ce_loss"] == pytest.approx((first["ce_loss"] + second["ce_loss"]) / 2, rel=1e-5)
+    # the accumulated step 1: only its second micro-batch has a term (the first is the very first link)
+    assert "consistency_loss" not in p[0]
+    assert a[0]["consistency_loss"] == pytest.approx(p[1]["consistency_loss"], rel=1e-5)
+    assert a[1]["consistency_loss"] == pytest.approx((p[2]["consistency_loss"] + p[3]["consistency_loss"]) / 2,
+                                                     rel=1e-5)
+    assert a[1]["consistency_loss"] > 1e-6
+    # ce + consistency is what the step optimised
+    assert a[1]["loss"] == pytest.approx(a[1]["ce_loss"] + a[1]["consistency_loss"], rel=1e-5)
 
 
 def test_resume_continues_the_same_chain(tiny_bert, tmp_path):
@@ -124,15 +158,7 @@ def test_resume_continues_the_same_chain(tiny_bert, tmp_path):
     def run(out, steps, resume=None, save=False):
         trainer, rec = build("classification", tiny_bert, out, "dynsdpb", steps=8,
                              save_strategy="steps" if save else "no", save_steps=3)
-        seen = []
-        original = trainer.compute_loss
-
-        def spy(model, inputs, *a, **k):
-            if SAMPLE_IDS in inputs:
-                seen.append(inputs[SAMPLE_IDS].tolist())
-            return original(model, inputs, *a, **k)
-
-        trainer.compute_loss = spy
+        seen = spy_ids(trainer)
         if steps < 8:
             class Stop(TrainerCallback):
                 def on_step_end(self, args, state, control, **kw):
@@ -151,11 +177,27 @@ def test_resume_continues_the_same_chain(tiny_bert, tmp_path):
         assert a["consistency_loss"] == pytest.approx(b["consistency_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["bf16"])
-def test_mixed_precision(precision, tiny_bert, tmp_path):
-    trainer, rec = build("classification", tiny_bert, tmp_path, "dynsdpb", **{precision: True})
+def test_bf16_autocast_takes_effect(tiny_bert, tmp_path):
+    """bf16=True must reach the accelerator and the forward pass: the classifier computes in
+    bfloat16 under autocast, while the consistency term stays float32 and finite."""
+    trainer, rec = build("classification", tiny_bert, tmp_path, "dynsdpb", bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    dtypes = []
+    hook = trainer.model.classifier.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     trainer.train()
-    assert all(math.isfinite(log["consistency_loss"]) for log in rec.logs[1:])
+    hook.remove()
+    assert len(dtypes) == 4 and set(dtypes) == {torch.bfloat16}
+    assert len(rec.logs) == 4 and all(math.isfinite(log["consistency_loss"]) for log in rec.logs[1:])
+
+
+def test_without_bf16_the_forward_is_float32(tiny_bert, tmp_path):
+    """The control of the test above: the same hook sees float32 when bf16 is off."""
+    trainer, _ = build("classification", tiny_bert, tmp_path, "dynsdpb", steps=1)
+    assert trainer.accelerator.mixed_precision == "no"
+    dtypes = []
+    trainer.model.classifier.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    trainer.train()
+    assert dtypes == [torch.float32]
 
 
 def test_lora_causal_lm(tiny_gpt2, tmp_path):
@@ -181,15 +223,107 @@ def test_lora_causal_lm(tiny_gpt2, tmp_path):
     ("lambda_alpha", -0.5, "lambda_alpha"),
     ("granularity", "token", "granularity"),
     ("tau_range", (4.0, 10.0), "tau_range"),
+    ("distill_warmup", 1.0, "distill_warmup"),
+    ("distill_warmup", -0.1, "distill_warmup"),
+    ("method", "dlb-warmup", "method"),
 ])
-def test_config_rejects_bad_values(field, value, match, tmp_path):
-    with pytest.raises(UserError, match=match) as e:
-        DynSDPBConfig(output_dir=str(tmp_path), method="dynsdpb", report_to=[], **{field: value})
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("method", ["dynsdpb", "dlb_warmup"])
+def test_config_rejects_bad_values(field, value, match, method, tmp_path):
+    with pytest.raises(UserError) as e:
+        DynSDPBConfig(output_dir=str(tmp_path), **{"method": method, field: value}, report_to=[])
+    assert str(e.value).startswith(f"{match}: ") and "\n" not in str(e.value)
 
 
-def test_vanilla_accepts_odd_batch(tmp_path):
-    DynSDPBConfig(output_dir=str(tmp_path), method="vanilla", per_device_train_batch_size=3, report_to=[])
+def test_vanilla_accepts_odd_batch(tiny_bert, tmp_path):
+    """Vanilla does not split batches: a batch of 3 trains as batches of 3 (dlb rejects it)."""
+    trainer, rec = build("classification", tiny_bert, tmp_path / "v", "vanilla", batch=3, steps=2)
+    sizes, original = [], trainer.compute_loss
+
+    def spy(model, inputs, *a, **k):
+        sizes.append(inputs["labels"].shape[0])
+        return original(model, inputs, *a, **k)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert sizes == [3, 3] and [log["step"] for log in rec.logs] == [1, 2]
+    with pytest.raises(UserError, match="^per_device_train_batch_size: must be even"):
+        DynSDPBConfig(output_dir=str(tmp_path / "d"), method="dlb", per_device_train_batch_size=3, report_to=[])
+
+
+def test_nan_inf_filter_is_always_off(tmp_path):
+    args = DynSDPBConfig(output_dir=str(tmp_path), logging_nan_inf_filter=True, report_to=[])
+    assert args.logging_nan_inf_filter is False
+
+
+# ----------------------------------------------------------------------------- dlb_warmup
+class GradRecorder(TrainerCallback):
+    """Every parameter's gradient right before each optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.steps = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        params = self.trainer.model.named_parameters()
+        self.steps.append({n: p.grad.detach().clone() for n, p in params if p.grad is not None})
+
+
+def test_dlb_warmup_with_zero_warmup_is_dlb(tiny_bert, tmp_path):
+    """Same seed, distill_warmup=0: the same losses and the same gradients as dlb, bit for bit."""
+    runs = {}
+    for method in ("dlb", "dlb_warmup"):
+        trainer, rec = build("classification", tiny_bert, tmp_path / method, method, distill_warmup=0.0)
+        grads = GradRecorder(trainer)
+        trainer.add_callback(grads)
+        trainer.train()
+        runs[method] = ([(log["loss"], log["ce_loss"], log.get("consistency_loss")) for log in rec.logs], grads.steps)
+    (logs_dlb, grads_dlb), (logs_wu, grads_wu) = runs["dlb"], runs["dlb_warmup"]
+    assert logs_dlb == logs_wu and len(logs_dlb) == 4 and logs_dlb[1][2] > 0
+    assert len(grads_dlb) == len(grads_wu) == 4
+    for g_dlb, g_wu in zip(grads_dlb, grads_wu):
+        assert g_dlb.keys() == g_wu.keys() and all(torch.equal(g_dlb[k], g_wu[k]) for k in g_dlb)
+
+
+def test_dlb_warmup_term_is_off_before_the_warmup_ends(tiny_bert, tmp_path):
+    """distill_warmup=0.5 of 8 steps: steps 1-4 are CE only, steps 5-8 have dlb's term at full
+    weight; the cache kept filling during the warm-up, so step 5 already has its targets."""
+    trainer, rec = build("classification", tiny_bert, tmp_path, "dlb_warmup", steps=8, distill_warmup=0.5)
+    trainer.train()
+    assert [log["step"] for log in rec.logs] == list(range(1, 9))
+    for log in rec.logs[:4]:
+        assert "consistency_loss" not in log and log["loss"] == pytest.approx(log["ce_loss"], rel=1e-5)
+    for log in rec.logs[4:]:
+        assert "consistency_loss" in log and log["alpha_min"] == log["alpha_max"] == 1.0
+        assert log["loss"] == pytest.approx(log["ce_loss"] + log["consistency_loss"], rel=1e-5)
+    assert rec.logs[4]["consistency_loss"] > 1e-6  # the first step after the warm-up already has targets
+
+
+# ----------------------------------------------------------------------------- divergence
+MESSAGE = re.compile(r"^training diverged: non-finite (\w+) at step (\d+)$")
+
+
+@pytest.mark.parametrize("method", ["vanilla", "dynsdpb"])
+def test_a_real_divergence_raises(method, tiny_bert, tmp_path):
+    """A learning rate of 1e6 (AdamW) sends the tiny model to NaN within a few steps: training
+    stops at the first logging step that sees it, instead of logging a filtered, finite loss."""
+    trainer, rec = build("classification", tiny_bert, tmp_path, method, steps=8, learning_rate=1e6)
+    with pytest.raises(TrainingDiverged) as e:
+        trainer.train()
+    assert isinstance(e.value, RuntimeError)
+    m = MESSAGE.match(str(e.value))
+    assert m and m.groups() == (e.value.what, str(e.value.step))
+    assert e.value.what == "ce_loss"  # the training CE is checked first, also for vanilla
+    assert 1 <= e.value.step < 8 and e.value.step == trainer.state.global_step
+    assert math.isnan(rec.logs[-1]["loss"]) and rec.logs[-1]["step"] == e.value.step  # logged as it was
+    assert all(math.isfinite(log["loss"]) for log in rec.logs[:-1])
+
+
+def test_a_real_divergence_caught_by_evaluation(tiny_bert, tmp_path):
+    """No training log before the evaluation at step 4: the NaN weights show in eval_loss."""
+    trainer, _ = build("classification", tiny_bert, tmp_path, "dlb", steps=8, learning_rate=1e6,
+                       logging_steps=100, eval_strategy="steps", eval_steps=4, evaluate=True)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: non-finite eval_loss at step 4$") as e:
+        trainer.train()
+    assert (e.value.what, e.value.step) == ("eval_loss", 4)
 
 
 def test_grad_norm_logging_per_layer(tiny_bert, tmp_path):

@@ -1,7 +1,8 @@
 """``tune-dynsdpb``: train one model, sweep, compare arms, export the winner.
 
-Bad input exits with status 2 and one line on stderr naming the flag, field or file; nothing
-half-written is left behind (outputs are staged beside their target and renamed into place).
+Bad input exits with status 2 and one line on stderr naming the flag, field or file; a training
+run that diverges (a non-finite loss, gradient norm or eval loss) exits with status 1 and one line.
+Nothing half-written is left behind (outputs are staged beside their target and renamed into place).
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import params
 from .errors import UserError
 from .files import staged_output
 
-# Config fields as the CLI spells them, so errors name the flag the user typed.
-FLAGS = {"per_device_train_batch_size": "--batch-size", "alpha0": "--alpha0", "tau0": "--tau0",
-         "lambda_alpha": "--lambda-alpha", "lambda_tau": "--lambda-tau", "granularity": "--granularity",
-         "tau_range": "--tau-range", "method": "--method", "num_train_epochs": "--epochs"}
+# Config fields as the CLI spells them, so errors name the flag the user typed (from params.py).
+FLAGS = {"method": "--method", **{p.name: p.flag for p in (*params.PARAMS.values(), *params.TRAINING_PARAMS.values())}}
 
 
 def fail(message: str) -> int:
@@ -30,14 +30,30 @@ def fail(message: str) -> int:
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
+    """--method and one flag per method parameter, all from :mod:`tune_dynsdpb.params`. The values
+    are checked in :func:`cmd_train` (not by argparse), so a changed bound there is followed here."""
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["vanilla", "dlb", "dynsdpb"], default="dynsdpb")
-    g.add_argument("--alpha0", type=float, default=1.0, help="consistency weight (>= 0)")
-    g.add_argument("--tau0", type=float, default=3.0, help="temperature (> 0)")
-    g.add_argument("--lambda-alpha", type=float, default=1.0, help="dynsdpb: alpha = alpha0 * c^lambda_alpha")
-    g.add_argument("--lambda-tau", type=float, default=0.5, help="dynsdpb: tau = tau0 * (1 + lambda_tau * u)")
-    g.add_argument("--granularity", choices=["sample", "batch"], default="sample")
-    g.add_argument("--tau-range", type=float, nargs=2, default=(0.05, 20.0), metavar=("LOW", "HIGH"))
+    g.add_argument("--method", choices=list(params.METHODS), default=params.DEFAULT_METHOD, help=params.METHOD_HELP)
+    for spec in params.PARAMS.values():
+        kwargs: dict = {"dest": spec.name, "default": spec.default, "help": f"{spec.help} ({spec.rule})"}
+        if spec.choices is not None:
+            kwargs.update(choices=list(spec.choices), help=spec.help)
+        elif spec.type is tuple:
+            kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+        else:
+            kwargs.update(type=spec.type, metavar=_metavar(spec))
+        g.add_argument(spec.flag, **kwargs)
+
+
+def _metavar(spec: params.Param) -> str:
+    return spec.flag.lstrip("-").replace("-", "_").upper()
+
+
+def _training_arg(g, name: str, **kwargs) -> None:
+    """A training number whose flag, default and help come from params.TRAINING_PARAMS."""
+    spec = params.TRAINING_PARAMS[name]
+    g.add_argument(spec.flag, dest=name, type=spec.type, default=spec.default, help=f"{spec.help} ({spec.rule})",
+                   metavar=_metavar(spec), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,14 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", required=True, type=Path)
     _method_args(t)
     g = t.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=3.0)
-    g.add_argument("--max-steps", type=int, default=-1)
-    g.add_argument("--batch-size", type=int, default=32, help="per-device batch size B (even for dlb/dynsdpb)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--learning-rate", type=float, default=2e-5)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.0)
-    g.add_argument("--max-length", type=int, default=128)
+    for name in params.TRAINING_PARAMS:
+        _training_arg(g, name)
     g.add_argument("--max-train-samples", type=int)
     g.add_argument("--max-eval-samples", type=int)
     g.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: every epoch)")
@@ -184,42 +194,59 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def check_train_args(a: argparse.Namespace) -> None:
+    """The method and training numbers against :mod:`tune_dynsdpb.params`, before anything loads.
+    Raises a one-line UserError; :func:`fail` turns the field into the flag the user typed."""
+    values = {name: getattr(a, name) for name in (*params.PARAMS, *params.TRAINING_PARAMS)}
+    values["tau_range"] = tuple(values["tau_range"])
+    bad = params.check_values(values, method=a.method)
+    if bad:
+        raise UserError(f"{bad[0]}: {bad[1]}")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    check_train_args(a)
     from .data import load_task, tokenize_task
     from .run import create_trainer, load_model, metric_key, save_final_model
-    from .trainer import DynSDPBConfig
+    from .trainer import DynSDPBConfig, TrainingDiverged
 
     out = a.output_dir
-    with staged_output(out) as tmp:
-        config = DynSDPBConfig(  # validates the method's flags before anything is loaded
-            output_dir=str(tmp / "trainer"), method=a.method, alpha0=a.alpha0, tau0=a.tau0,
-            lambda_alpha=a.lambda_alpha, lambda_tau=a.lambda_tau, granularity=a.granularity,
-            tau_range=tuple(a.tau_range), per_device_train_batch_size=a.batch_size,
-            per_device_eval_batch_size=max(a.batch_size, 32), gradient_accumulation_steps=a.gradient_accumulation_steps,
-            learning_rate=a.learning_rate, weight_decay=a.weight_decay, warmup_steps=a.warmup_ratio,  # < 1: a ratio
-            num_train_epochs=a.epochs, max_steps=a.max_steps, seed=a.seed, bf16=a.bf16, fp16=a.fp16,
-            eval_strategy="steps" if a.eval_steps else "epoch", eval_steps=a.eval_steps, save_strategy="no",
-            logging_steps=a.logging_steps, grad_norm_log_steps=a.grad_norm_log_steps, report_to=[])
-        task = load_task(a.task, a.data_dir, train_file=a.train_file, eval_file=a.eval_file,
-                         text_fields=a.text_fields, label_field=a.label_field,
-                         max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples, seed=a.seed)
-        lora = {"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules} if a.lora_r else None
-        model, tokenizer = load_model(a.model, task, lora=lora, trust_remote_code=a.trust_remote_code, seed=a.seed)
-        train_ds, eval_ds = tokenize_task(task, tokenizer, a.max_length)
-        trainer = create_trainer(task, model, tokenizer, train_ds, eval_ds, config)
-        train_out = trainer.train()
-        final = trainer.evaluate()
-        save_final_model(trainer, tokenizer, tmp)
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        key = metric_key(task)
-        record = {"task": task.name, "source": task.source, "method": a.method, "metric": key,
-                  "score": final.get(key), "eval": final, "train": train_out.metrics,
-                  "train_samples": len(train_ds), "eval_samples": len(eval_ds),
-                  "config": {k: getattr(a, k) for k in ("model", "alpha0", "tau0", "lambda_alpha", "lambda_tau",
-                                                        "granularity", "batch_size", "learning_rate", "epochs",
-                                                        "max_length", "seed")},
-                  "log_history": trainer.state.log_history}
-        (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    batch = a.per_device_train_batch_size
+    try:
+        with staged_output(out) as tmp:
+            config = DynSDPBConfig(  # checks the method's fields again, as any library caller gets them
+                output_dir=str(tmp / "trainer"), method=a.method,
+                **{name: getattr(a, name) for name in params.PARAMS if name != "tau_range"},
+                tau_range=tuple(a.tau_range), per_device_train_batch_size=batch,
+                per_device_eval_batch_size=max(batch, 32), gradient_accumulation_steps=a.gradient_accumulation_steps,
+                # transformers >= 5 (pinned) has no warmup_ratio: a warmup_steps below 1 is the ratio
+                learning_rate=a.learning_rate, weight_decay=a.weight_decay, warmup_steps=a.warmup_ratio,
+                num_train_epochs=a.num_train_epochs, max_steps=a.max_steps, seed=a.seed, bf16=a.bf16, fp16=a.fp16,
+                eval_strategy="steps" if a.eval_steps else "epoch", eval_steps=a.eval_steps, save_strategy="no",
+                logging_steps=a.logging_steps, grad_norm_log_steps=a.grad_norm_log_steps, report_to=[])
+            task = load_task(a.task, a.data_dir, train_file=a.train_file, eval_file=a.eval_file,
+                             text_fields=a.text_fields, label_field=a.label_field,
+                             max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples, seed=a.seed)
+            lora = {"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules} if a.lora_r else None
+            model, tokenizer = load_model(a.model, task, lora=lora, trust_remote_code=a.trust_remote_code, seed=a.seed)
+            train_ds, eval_ds = tokenize_task(task, tokenizer, a.max_length)
+            trainer = create_trainer(task, model, tokenizer, train_ds, eval_ds, config)
+            train_out = trainer.train()
+            final = trainer.evaluate()
+            save_final_model(trainer, tokenizer, tmp)
+            shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            key = metric_key(task)
+            settings = {"model": a.model, **{name: getattr(a, name) for name in params.PARAMS},
+                        "batch_size": batch, "learning_rate": a.learning_rate, "epochs": a.num_train_epochs,
+                        "max_length": a.max_length, "seed": a.seed}
+            record = {"task": task.name, "source": task.source, "method": a.method, "metric": key,
+                      "score": final.get(key), "eval": final, "train": train_out.metrics,
+                      "train_samples": len(train_ds), "eval_samples": len(eval_ds), "config": settings,
+                      "log_history": trainer.state.log_history}
+            (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    except TrainingDiverged as e:  # the staged output is gone: no model, no metrics.json
+        print(f"tune-dynsdpb: error: {e}", file=sys.stderr)
+        return 1
     print(f"{key} = {final.get(key)}; model and metrics.json in {out}")
     return 0
 

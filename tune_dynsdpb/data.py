@@ -26,38 +26,41 @@ import datasets
 import numpy as np
 
 from .errors import UserError
+from .params import check_value
 
 TaskKind = Literal["classification", "regression", "causal_lm"]
 _CACHE_VERSION = 1  # bump when the tokenized layout changes
 
 
 # ----------------------------------------------------------------------------- metrics (GLUE definitions)
+# scikit-learn computes them; these wrappers only fix the GLUE conventions (which class is
+# positive, 0 rather than NaN or an exception where a score is undefined or there are no rows).
 def accuracy(preds, labels) -> float:
-    return float(np.mean(np.asarray(preds) == np.asarray(labels))) if len(labels) else 0.0
+    from sklearn.metrics import accuracy_score
+    return float(accuracy_score(np.asarray(labels), np.asarray(preds))) if len(labels) else 0.0
 
 
 def f1_binary(preds, labels) -> float:
-    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP."""
-    p, y = np.asarray(preds), np.asarray(labels)
-    tp, fp, fn = np.sum((p == 1) & (y == 1)), np.sum((p == 1) & (y != 1)), np.sum((p != 1) & (y == 1))
-    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+    """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP; 0 when undefined."""
+    from sklearn.metrics import f1_score
+    if not len(labels):
+        return 0.0
+    return float(f1_score(np.asarray(labels), np.asarray(preds), labels=[1], average="macro", zero_division=0))
 
 
 def macro_f1(preds, labels) -> float:
     """Unweighted mean of per-class F1 over the classes seen in labels or predictions."""
+    from sklearn.metrics import f1_score
     p, y = np.asarray(preds), np.asarray(labels)
-    return float(np.mean([f1_binary(p == c, y == c) for c in np.union1d(p, y)])) if len(y) else 0.0
+    if not len(y):
+        return 0.0
+    return float(f1_score(y, p, labels=np.union1d(p, y), average="macro", zero_division=0))
 
 
 def matthews(preds, labels) -> float:
-    """Matthews correlation (multi-class form); 0 when undefined, like scikit-learn."""
-    p, y = np.asarray(preds).astype(np.int64), np.asarray(labels).astype(np.int64)
-    k = int(max(p.max(initial=0), y.max(initial=0))) + 1
-    cm = np.zeros((k, k), dtype=np.float64)
-    np.add.at(cm, (y, p), 1)
-    t, q, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
-    den = np.sqrt((s * s - q @ q) * (s * s - t @ t))
-    return float((c * s - t @ q) / den) if den else 0.0
+    """Matthews correlation (multi-class form); 0 when undefined, as scikit-learn reports it."""
+    from sklearn.metrics import matthews_corrcoef
+    return float(matthews_corrcoef(np.asarray(labels), np.asarray(preds))) if len(labels) else 0.0
 
 
 def _corr(fn):
@@ -460,8 +463,9 @@ def _encode(task: Task, ds: datasets.Dataset, split: str, tokenizer, max_length:
 def tokenize_task(task: Task, tokenizer, max_length: int = 128,
                   cache_dir: str | os.PathLike | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Tokenized (train, eval), unpadded, with ``labels``; cached on disk by data + tokenizer + max_length."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise UserError(f"max_length must be an integer >= 2, got {max_length!r}")
+    problem = check_value("max_length", max_length)
+    if problem or not isinstance(max_length, int):
+        raise UserError(f"max_length: {problem or f'must be an integer (got {max_length!r})'}")
     key = _cache_key(task, tokenizer, max_length)
     root = Path(cache_dir or os.environ.get("TUNE_DYNSDPB_CACHE") or Path.home() / ".cache" / "tune_dynsdpb") / "tokenized"
     final = root / key

@@ -14,6 +14,8 @@ gradient scale independent of tau, as in Hinton et al.'s distillation. For a reg
 How alpha_i and tau_i are chosen is the method:
 
 - ``dlb``:      alpha_i = alpha0,  tau_i = tau0                     (static DLB, Shen et al. 2022)
+- ``dlb_warmup``: as ``dlb``; the trainer leaves the term out during the first ``distill_warmup``
+  of the steps, which is a schedule, not a change to the term itself
 - ``dynsdpb``:  from the cached previous logits, no extra forward pass::
 
       p_i   = softmax(z_prev_i)
@@ -32,13 +34,13 @@ How alpha_i and tau_i are chosen is the method:
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-Method = Literal["vanilla", "dlb", "dynsdpb"]
-Granularity = Literal["sample", "batch"]
+from .params import PARAMS, Granularity, Method
+TAU_RANGE: tuple[float, float] = PARAMS["tau_range"].default  # the default clamp range, defined in params.py
 
 
 def consistency_kl(z_now: torch.Tensor, z_prev: torch.Tensor, alpha: torch.Tensor | float,
@@ -98,7 +100,7 @@ def regression_confidence(y_prev: torch.Tensor, labels: torch.Tensor) -> tuple[t
 
 def dynamic_alpha_tau(u: torch.Tensor, c: torch.Tensor, *, alpha0: float, tau0: float, lambda_alpha: float,
                       lambda_tau: float, granularity: Granularity = "sample",
-                      tau_range: tuple[float, float] = (0.05, 20.0)) -> tuple[torch.Tensor, torch.Tensor]:
+                      tau_range: tuple[float, float] = TAU_RANGE) -> tuple[torch.Tensor, torch.Tensor]:
     """``alpha = alpha0 * c^lambda_alpha``, ``tau = clamp(tau0 * (1 + lambda_tau * u), *tau_range)``.
 
     Args:
@@ -129,7 +131,7 @@ class Consistency(NamedTuple):
 
 def consistency_term(z_now: torch.Tensor, z_prev: torch.Tensor, labels: torch.Tensor, *, method: Method,
                      alpha0: float, tau0: float, lambda_alpha: float = 0.0, lambda_tau: float = 0.0,
-                     granularity: Granularity = "sample", tau_range: tuple[float, float] = (0.05, 20.0),
+                     granularity: Granularity = "sample", tau_range: tuple[float, float] = TAU_RANGE,
                      regression: bool = False) -> Consistency:
     """The DLB / DynSDPB consistency term for the reused rows.
 
@@ -137,7 +139,7 @@ def consistency_term(z_now: torch.Tensor, z_prev: torch.Tensor, labels: torch.Te
         z_now: (N, C) current logits (or (N,) / (N, 1) predictions when ``regression``).
         z_prev: same shape, cached from the previous step.
         labels: (N,) true labels (class ids, or floats for regression); only dynsdpb reads them.
-        method: "dlb" (static alpha0, tau0) or "dynsdpb" (alpha and tau from u and c).
+        method: "dlb" or "dlb_warmup" (static alpha0, tau0) or "dynsdpb" (alpha and tau from u and c).
     """
     if regression:
         u, c = regression_confidence(z_prev, labels)
@@ -146,9 +148,9 @@ def consistency_term(z_now: torch.Tensor, z_prev: torch.Tensor, labels: torch.Te
     if method == "dynsdpb":
         alpha, tau = dynamic_alpha_tau(u, c, alpha0=alpha0, tau0=tau0, lambda_alpha=lambda_alpha,
                                        lambda_tau=lambda_tau, granularity=granularity, tau_range=tau_range)
-    elif method == "dlb":
+    elif method in ("dlb", "dlb_warmup"):
         alpha, tau = torch.full_like(u, alpha0), torch.full_like(u, tau0)
     else:
-        raise ValueError(f"method: the consistency term exists for 'dlb' and 'dynsdpb', not {method!r}")
+        raise ValueError(f"method: the consistency term exists for 'dlb', 'dlb_warmup' and 'dynsdpb', not {method!r}")
     loss = consistency_mse(z_now, z_prev, alpha) if regression else consistency_kl(z_now, z_prev, alpha, tau)
     return Consistency(loss, alpha, tau, u, c)

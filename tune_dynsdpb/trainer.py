@@ -1,22 +1,27 @@
 """``DynSDPBConfig`` and ``DynSDPBTrainer``: the method as a drop-in ``transformers.Trainer``.
 
-The trainer changes three things and nothing else:
+The trainer changes four things and nothing else:
 
-1. the training DataLoader follows :class:`PreviousBatchSampler` (dlb/dynsdpb only), and every
-   batch carries its sample ids;
+1. the training DataLoader follows :class:`PreviousBatchSampler` (dlb/dlb_warmup/dynsdpb), and
+   every batch carries its sample ids;
 2. ``compute_loss`` adds the consistency term of :mod:`tune_dynsdpb.losses` to the model's own
-   loss, with targets from a :class:`SoftTargetCache` filled by the previous micro-batch;
-3. checkpoints also hold the cache, so a resumed run continues the same chain.
+   loss, with targets from a :class:`SoftTargetCache` filled by the previous micro-batch
+   (``dlb_warmup``: not before ``distill_warmup * max_steps`` steps);
+3. checkpoints also hold the cache, so a resumed run continues the same chain;
+4. a non-finite loss, gradient norm or eval loss raises :class:`TrainingDiverged` when it is
+   logged, instead of being filtered out of the logs.
 
-``method="vanilla"`` takes the stock Trainer path untouched: it is the baseline.
+``method="vanilla"`` takes the stock Trainer loss and batches: it is the baseline (its CE is
+still tracked for the logs and the divergence check).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -26,6 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .errors import UserError
 from .losses import consistency_term
+from .params import DEFAULT_METHOD, METHOD_HELP, PARAMS, Granularity, Method, check_values
 from .sampler import PreviousBatchSampler, SoftTargetCache
 
 logger = logging.get_logger(__name__)
@@ -35,49 +41,68 @@ STAT_NAMES = ("ce_loss", "consistency_loss", "alpha_mean", "alpha_min", "alpha_m
               "tau_mean", "tau_min", "tau_max", "u_mean", "c_mean")
 
 
+def _param_field(name: str):
+    """A dataclass field whose default and help come from :mod:`tune_dynsdpb.params`."""
+    p = PARAMS[name]
+    return field(default=p.default, metadata={"help": f"{p.help} ({p.rule})"})
+
+
 @dataclass
 class DynSDPBConfig(TrainingArguments):
-    """``TrainingArguments`` plus the method's knobs. See ``docs/method.md`` for the equations."""
+    """``TrainingArguments`` plus the method's knobs. See ``docs/method.md`` for the equations.
 
-    method: Literal["vanilla", "dlb", "dynsdpb"] = field(
-        default="dynsdpb", metadata={"help": "vanilla: plain fine-tuning; dlb: static alpha0/tau0; dynsdpb: adaptive"})
-    alpha0: float = field(default=1.0, metadata={"help": "consistency weight (>= 0)"})
-    tau0: float = field(default=3.0, metadata={"help": "distillation temperature (> 0)"})
-    lambda_alpha: float = field(default=1.0, metadata={"help": "dynsdpb: alpha = alpha0 * c^lambda_alpha (>= 0)"})
-    lambda_tau: float = field(default=0.5, metadata={"help": "dynsdpb: tau = tau0 * (1 + lambda_tau * u) (> -1)"})
-    granularity: Literal["sample", "batch"] = field(
-        default="sample", metadata={"help": "dynsdpb: per-sample alpha/tau, or from batch means of u and c"})
-    tau_range: tuple[float, float] = field(default=(0.05, 20.0), metadata={"help": "clamp range for tau"})
+    The knobs, their defaults and their bounds are defined once, in :mod:`tune_dynsdpb.params`.
+    ``logging_nan_inf_filter`` is always off: a diverged run must not be logged as a finite loss
+    (the trainer raises :class:`TrainingDiverged` instead).
+    """
+
+    method: Method = field(default=DEFAULT_METHOD, metadata={"help": METHOD_HELP})
+    alpha0: float = _param_field("alpha0")
+    tau0: float = _param_field("tau0")
+    lambda_alpha: float = _param_field("lambda_alpha")
+    lambda_tau: float = _param_field("lambda_tau")
+    granularity: Granularity = _param_field("granularity")
+    tau_range: tuple[float, float] = _param_field("tau_range")
+    distill_warmup: float = _param_field("distill_warmup")
     grad_norm_log_steps: int = field(
         default=0, metadata={"help": "log per-layer gradient norms every N optimizer steps (0: off)"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.logging_nan_inf_filter:
+            # The stock filter logs the previous loss in place of a NaN/inf one (and costs a host
+            # sync per step): a diverged run would look fine. We detect divergence instead.
+            self.logging_nan_inf_filter = False
         check_method_args(self)
 
 
 def check_method_args(args: Any) -> None:
-    """Range checks shared by the config and the CLI; raises a one-line UserError naming the field."""
-    def bad(name: str, rule: str) -> UserError:
-        return UserError(f"{name}: {rule} (got {getattr(args, name)!r})")
+    """The checks of :mod:`tune_dynsdpb.params` on a config (or any object with its fields);
+    raises a one-line UserError naming the field."""
+    values = {name: getattr(args, name) for name in PARAMS if hasattr(args, name)}
+    values["method"] = args.method
+    values["per_device_train_batch_size"] = args.per_device_train_batch_size
+    if isinstance(values.get("tau_range"), list):
+        values["tau_range"] = tuple(values["tau_range"])
+    bad = check_values(values)
+    if bad:
+        raise UserError(f"{bad[0]}: {bad[1]}")
 
-    if args.method not in ("vanilla", "dlb", "dynsdpb"):
-        raise bad("method", "must be one of vanilla, dlb, dynsdpb")
-    if args.method != "vanilla" and (args.per_device_train_batch_size < 2 or args.per_device_train_batch_size % 2):
-        raise bad("per_device_train_batch_size", f"must be even and >= 2 for method '{args.method}'")
-    if not args.alpha0 >= 0:
-        raise bad("alpha0", "must be >= 0")
-    if not args.tau0 > 0:
-        raise bad("tau0", "must be > 0")
-    if not args.lambda_alpha >= 0:
-        raise bad("lambda_alpha", "must be >= 0")
-    if not args.lambda_tau > -1:
-        raise bad("lambda_tau", "must be > -1")
-    if args.granularity not in ("sample", "batch"):
-        raise bad("granularity", "must be 'sample' or 'batch'")
-    lo, hi = args.tau_range
-    if not 0 < lo <= args.tau0 <= hi:
-        raise UserError(f"tau_range: must satisfy 0 < low <= tau0 <= high (got {args.tau_range!r}, tau0={args.tau0})")
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite training loss (CE or consistency term), gradient norm or eval loss.
+
+    ``what`` names the quantity (``ce_loss``, ``consistency_loss``, ``loss``, ``train_loss``,
+    ``grad_norm``, ``eval_loss``...), ``step`` is the optimizer step it was logged at. The message
+    is ``training diverged: non-finite <what> at step <step>``.
+    """
+
+    def __init__(self, what: str, step: int):
+        self.what, self.step = what, int(step)
+        super().__init__(f"training diverged: non-finite {what} at step {self.step}")
+
+    def __reduce__(self):  # picklable across Ray workers
+        return type(self), (self.what, self.step)
 
 
 class TrainingDiverged(RuntimeError):
@@ -229,8 +254,11 @@ class DynSDPBTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs.pop(SAMPLE_IDS, None)
         if ids is None or self.args.method == "vanilla" or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if model.training:  # vanilla: track CE too, for the logs and the divergence check
+                self._stats_add((out[0] if return_outputs else out), None, num_items_in_batch)
+            return out
         labels = inputs["labels"]
         ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         output = outputs["logits"]
@@ -240,8 +268,9 @@ class DynSDPBTrainer(Trainer):
         rows_now, labels_now, counts_now = _target_rows(output[:half], labels[:half], self._causal_lm)
         targets = self.soft_targets.get(ids[:half], counts_now)
         rows_new, _, counts_new = _target_rows(output[half:], labels[half:], self._causal_lm)
-        self.soft_targets.put(ids[half:], rows_new, counts_new)
-        if targets is None:  # the very first step: nothing to distil from yet
+        self.soft_targets.put(ids[half:], rows_new, counts_new)  # also during dlb_warmup's warm-up: the chain goes on
+        if targets is None or self._in_distill_warmup():
+            # the very first step has nothing to distil from; dlb_warmup's warm-up trusts no prediction yet
             self._stats_add(ce, None, num_items_in_batch)
             return (ce, outputs) if return_outputs else ce
         a = self.args
@@ -257,6 +286,11 @@ class DynSDPBTrainer(Trainer):
         self._stats_add(ce, term, num_items_in_batch)
         loss = ce + cons
         return (loss, outputs) if return_outputs else loss
+
+    def _in_distill_warmup(self) -> bool:
+        """dlb_warmup: the term is off while ``global_step < distill_warmup * max_steps``."""
+        a = self.args
+        return a.method == "dlb_warmup" and self.state.global_step < a.distill_warmup * self.state.max_steps
 
     def _loss_is_scaled(self, num_items_in_batch) -> bool:
         """Whether the model's loss is already normalised over the whole accumulated batch (the
@@ -294,7 +328,7 @@ class DynSDPBTrainer(Trainer):
             s[10] += 1  # steps that had a consistency term (all but the first)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stats_device is not None and self.args.method != "vanilla":
+        if "loss" in logs and self._stats_device is not None:
             s = self._stats_device
             if self.args.world_size > 1 and torch.distributed.is_initialized():
                 s = s.clone()
@@ -315,6 +349,30 @@ class DynSDPBTrainer(Trainer):
                              "c_mean": s[9] / distil_steps})
             self._stats_reset()
         super().log(logs, start_time)
+        # After the stock log, so the history and the callbacks still see the non-finite value.
+        self._check_finite(logs)
+
+    def _check_finite(self, logs: dict[str, float]) -> None:
+        """Raises :class:`TrainingDiverged` for a non-finite loss, gradient norm or eval loss.
+
+        Works on values that are already on the host for the log: no extra synchronisation.
+        ``logging_nan_inf_filter`` is off (see DynSDPBConfig), so ``loss`` is the true mean.
+        """
+        for key in ("ce_loss", "consistency_loss", "loss", "train_loss", "grad_norm", "eval_loss"):
+            v = logs.get(key)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                self._close_progress_bars()
+                raise TrainingDiverged(key, self.state.global_step)
+
+    def _close_progress_bars(self) -> None:
+        """Training ends here: finish tqdm's open bars, so whatever reports the error starts on a
+        line of its own (the Trainer closes them only on a normal end)."""
+        for cb in self.callback_handler.callbacks:
+            for name in ("training_bar", "prediction_bar"):
+                bar = getattr(cb, name, None)
+                if bar is not None and hasattr(bar, "close"):
+                    bar.close()
+                    setattr(cb, name, None)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:

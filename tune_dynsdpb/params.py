@@ -1,0 +1,229 @@
+"""The method's parameters, each defined once: name, type, default, bounds or choices, help, CLI flag.
+
+Everything else derives from this table: the fields and checks of
+:class:`~tune_dynsdpb.trainer.DynSDPBConfig`, the ``train`` command's method flags, and the sweep
+file's schema. Change a bound here and all of them follow. The module imports nothing from the
+package but :mod:`tune_dynsdpb.errors`, so any module can import it cheaply.
+
+Public API::
+
+    METHODS, Method, PAIRED_METHODS, DEFAULT_METHOD      the method names (METHOD_HELP: their help text)
+    Granularity                                           Literal["sample", "batch"]
+    PARAMS: dict[str, Param]                              the method parameters, by config field name
+    TRAINING_PARAMS: dict[str, Param]                     training numbers the CLI / sweep files check
+    param(name) -> Param                                  from either table; KeyError if unknown
+    bounds(name) -> Bounds                                (low, low_inclusive, high, high_inclusive)
+    check_value(name, value) -> str | None                what is wrong with one value, or None
+    check_batch_size(method, size) -> str | None          the half-batch rule of the paired methods
+    check_tau0_in_range(tau0, tau_range) -> str | None    the one rule that ties two parameters
+    check_values(values, method=None) -> (name, problem) | None   all of the above over a mapping
+    methods_using(name) -> tuple[str, ...]                which methods read a parameter
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, NamedTuple, get_args
+
+Method = Literal["vanilla", "dlb", "dlb_warmup", "dynsdpb"]
+METHODS: tuple[str, ...] = get_args(Method)
+Granularity = Literal["sample", "batch"]
+DEFAULT_METHOD: str = "dynsdpb"
+# Methods that split each batch into two halves (the previous batch's second half + a new one):
+# their batch size must be even and >= 2.
+PAIRED_METHODS: frozenset[str] = frozenset(m for m in METHODS if m != "vanilla")
+METHOD_HELP = ("vanilla: plain fine-tuning; dlb: static alpha0/tau0; dlb_warmup: dlb with the term off for the "
+               "first distill_warmup of the steps; dynsdpb: adaptive alpha/tau")
+
+_DISTILLING = ("dlb", "dlb_warmup", "dynsdpb")
+
+
+class Bounds(NamedTuple):
+    """``low``/``high`` are None where unbounded; the flags say whether the bound itself is allowed."""
+
+    low: float | None
+    low_inclusive: bool
+    high: float | None
+    high_inclusive: bool
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter. ``type`` is ``float``, ``int``, ``str`` (with ``choices``) or ``tuple`` (a
+    pair of floats, each element within the bounds, ordered low <= high)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    flag: str
+    methods: tuple[str, ...] = METHODS
+    low: float | None = None
+    low_inclusive: bool = True
+    high: float | None = None
+    high_inclusive: bool = True
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def bounds(self) -> Bounds:
+        return Bounds(self.low, self.low_inclusive, self.high, self.high_inclusive)
+
+    @property
+    def rule(self) -> str:
+        """The allowed values in words: ``>= 0``, ``in [0, 1)``, ``one of sample, batch``."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"in {'[' if self.low_inclusive else '('}{lo:g}, {hi:g}{']' if self.high_inclusive else ')'}"
+        if lo is not None:
+            return f"{'>=' if self.low_inclusive else '>'} {lo:g}"
+        if hi is not None:
+            return f"{'<=' if self.high_inclusive else '<'} {hi:g}"
+        return "any number"
+
+    def contains(self, x: float) -> bool:
+        """Whether one number lies within the bounds (no type check)."""
+        if self.low is not None and not (x >= self.low if self.low_inclusive else x > self.low):
+            return False
+        if self.high is not None and not (x <= self.high if self.high_inclusive else x < self.high):
+            return False
+        return True
+
+
+PARAMS: dict[str, Param] = {p.name: p for p in (
+    Param("alpha0", float, 1.0, "consistency weight", "--alpha0", _DISTILLING, low=0.0),
+    Param("tau0", float, 3.0, "distillation temperature (inside tau_range)", "--tau0", _DISTILLING,
+          low=0.0, low_inclusive=False),
+    Param("lambda_alpha", float, 1.0, "dynsdpb: alpha = alpha0 * c^lambda_alpha", "--lambda-alpha", ("dynsdpb",),
+          low=0.0),
+    Param("lambda_tau", float, 0.5, "dynsdpb: tau = tau0 * (1 + lambda_tau * u)", "--lambda-tau", ("dynsdpb",),
+          low=-1.0, low_inclusive=False),
+    Param("granularity", str, "sample", "dynsdpb: per-sample alpha/tau, or from batch means of u and c",
+          "--granularity", ("dynsdpb",), choices=get_args(Granularity)),
+    Param("tau_range", tuple, (0.05, 20.0), "dynsdpb: clamp range (LOW HIGH) for tau; tau0 must lie inside it",
+          "--tau-range", ("dynsdpb",), low=0.0, low_inclusive=False),
+    Param("distill_warmup", float, 0.0, "dlb_warmup: the consistency term is off while "
+          "global_step < distill_warmup * max_steps", "--distill-warmup", ("dlb_warmup",),
+          low=0.0, high=1.0, high_inclusive=False),
+)}
+
+# Training numbers (TrainingArguments fields, CLI spelling) that the CLI and sweep files check.
+# max_steps is special (-1 means unset) and has its own rule in check_value.
+TRAINING_PARAMS: dict[str, Param] = {p.name: p for p in (
+    Param("learning_rate", float, 2e-5, "peak learning rate", "--learning-rate", low=0.0, low_inclusive=False),
+    Param("weight_decay", float, 0.01, "AdamW weight decay", "--weight-decay", low=0.0),
+    Param("warmup_ratio", float, 0.0, "fraction of the steps for the learning-rate warm-up", "--warmup-ratio",
+          low=0.0, high=1.0, high_inclusive=False),
+    Param("num_train_epochs", float, 3.0, "training epochs", "--epochs", low=0.0, low_inclusive=False),
+    Param("max_steps", int, -1, "optimizer steps (-1: from --epochs)", "--max-steps", low=1.0),
+    Param("per_device_train_batch_size", int, 32, "per-device batch size B (even for the paired methods)",
+          "--batch-size", low=1.0),
+    Param("gradient_accumulation_steps", int, 1, "micro-batches per optimizer step", "--gradient-accumulation-steps",
+          low=1.0),
+    Param("max_length", int, 128, "maximum tokens per sample", "--max-length", low=2.0),
+)}
+
+
+def param(name: str) -> Param:
+    """The :class:`Param` called ``name`` (a config field name), method or training; KeyError if unknown."""
+    if name in PARAMS:
+        return PARAMS[name]
+    return TRAINING_PARAMS[name]
+
+
+def bounds(name: str) -> Bounds:
+    """``(low, low_inclusive, high, high_inclusive)`` of a numeric parameter (None: unbounded)."""
+    return param(name).bounds
+
+
+def methods_using(name: str) -> tuple[str, ...]:
+    """The methods whose training reads ``name``."""
+    return param(name).methods
+
+
+def _is_number(v: Any, integer: bool = False) -> bool:
+    if isinstance(v, bool):
+        return False
+    if integer:
+        return isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    return isinstance(v, (int, float))
+
+
+def check_value(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for parameter ``name``, e.g. ``"must be >= 0 (got -0.1)"``; None if fine.
+
+    The message does not repeat the name: callers prefix it with the spelling their user typed
+    (a config field, a CLI flag, a sweep-file key). Raises KeyError for an unknown name.
+    """
+    got = f"(got {value!r})"
+    if name == "method":
+        return None if value in METHODS else f"must be one of {', '.join(METHODS)} {got}"
+    p = param(name)
+    if p.choices is not None:
+        return None if value in p.choices else f"must be {p.rule} {got}"
+    if p.type is tuple:
+        if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_number(v) for v in value):
+            return f"must be two numbers LOW HIGH {got}"
+        lo, hi = value
+        if not all(math.isfinite(v) for v in value):
+            return f"must be two finite numbers {got}"
+        if not (p.contains(lo) and p.contains(hi)):
+            return f"must have both ends {p.rule} {got}"
+        if not lo <= hi:
+            return f"must have LOW <= HIGH {got}"
+        return None
+    if name == "max_steps":
+        if not _is_number(value, integer=True) or not (value == -1 or p.contains(value)):
+            return f"must be -1 (unset) or an integer {p.rule} {got}"
+        return None
+    if p.type is int and not _is_number(value, integer=True):
+        return f"must be an integer {p.rule} {got}"
+    if not _is_number(value):
+        return f"must be a number {p.rule} {got}"
+    if not math.isfinite(value):
+        return f"must be a finite number {got}"
+    if not p.contains(value):
+        return f"must be {p.rule} {got}"
+    return None
+
+
+def check_batch_size(method: str, size: Any) -> str | None:
+    """The paired methods need an even batch size >= 2 (two halves); None if ``size`` is fine."""
+    problem = check_value("per_device_train_batch_size", size)
+    if problem:
+        return problem
+    if method in PAIRED_METHODS and (size < 2 or size % 2):
+        return f"must be even and >= 2 for method '{method}' (got {size!r})"
+    return None
+
+
+def check_tau0_in_range(tau0: float, tau_range: tuple[float, float]) -> str | None:
+    """tau0 must lie inside tau_range, so that dynsdpb with zero rates is exactly dlb."""
+    lo, hi = tau_range
+    if not lo <= tau0 <= hi:
+        return f"must satisfy 0 < low <= tau0 <= high (got {tuple(tau_range)!r}, tau0={tau0})"
+    return None
+
+
+def check_values(values: Mapping[str, Any], method: str | None = None) -> tuple[str, str] | None:
+    """The first problem among ``values`` (config field name -> value) as ``(name, problem)``, or None.
+
+    Checks ``method`` (from ``values`` or the argument), each known parameter present, the batch
+    size against the method, and tau0 against tau_range. Unknown names are ignored.
+    """
+    method = values.get("method", method)
+    if method is not None and check_value("method", method):
+        return "method", check_value("method", method)
+    for name, value in values.items():
+        if name in PARAMS or name in TRAINING_PARAMS:
+            problem = (check_batch_size(method, value) if name == "per_device_train_batch_size" and method
+                       else check_value(name, value))
+            if problem:
+                return name, problem
+    if "tau0" in values and "tau_range" in values:
+        problem = check_tau0_in_range(values["tau0"], values["tau_range"])
+        if problem:
+            return "tau_range", problem
+    return None
