@@ -252,8 +252,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .trainer import TrainingDiverged
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
@@ -262,9 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"tune-dynsdpb: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
-    except TrainingDiverged as e:
-        print(f"tune-dynsdpb: {e}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

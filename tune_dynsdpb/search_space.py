@@ -36,25 +36,10 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, model_validator)
 
 from .errors import UserError
+from .params import METHODS, PAIRED_METHODS, PARAMS, check_value, param
 
-Method = Literal["vanilla", "dlb", "dlb_warmup", "dynsdpb"]
-METHODS: tuple[str, ...] = ("vanilla", "dlb", "dlb_warmup", "dynsdpb")
-PAIRED = ("dlb", "dlb_warmup", "dynsdpb")  # methods that split each batch in two halves: even batch sizes only
-# name -> (kind, lower bound, lower bound inclusive, upper bound (exclusive) or None)
-PARAMS: dict[str, tuple[str, Any, bool, Any]] = {
-    "learning_rate": ("float", 0.0, False, None),
-    "weight_decay": ("float", 0.0, True, None),
-    "num_train_epochs": ("num", 0.0, False, None),  # float, or int with `int: true`
-    "warmup_ratio": ("float", 0.0, True, 1.0),  # < 1: transformers 5 reads it as a ratio
-    "per_device_train_batch_size": ("int", 1, True, None),
-    "alpha0": ("float", 0.0, True, None),
-    "tau0": ("float", 0.0, False, None),
-    "lambda_alpha": ("float", 0.0, True, None),
-    "lambda_tau": ("float", -1.0, False, None),
-    "granularity": ("cat", ("sample", "batch"), True, None),
-    "distill_warmup": ("float", 0.0, True, 1.0),
-}
-TAU_RANGE = (0.05, 20.0)  # DynSDPBConfig's default clamp range for tau; tau0 must lie inside it
+PAIRED: tuple[str, ...] = tuple(m for m in METHODS if m in PAIRED_METHODS)  # even batch sizes only
+INT_RANGES = ("num_train_epochs", "per_device_train_batch_size")  # may take {int: true} ranges
 DEFAULT_POINTS = {"dlb": {"tau0": 3.0, "alpha0": 1.0},
                   "dlb_warmup": {"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.0},
                   "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.0, "lambda_tau": 0.0}}
@@ -269,58 +254,42 @@ class SweepSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        _check_spec(self)
-        return self
+        return _check_spec(self)
 
 
 def _bad(where: str, what: str) -> ValueError:
     return ValueError(f"{where}: {what}")
 
 
-def _value_problem(name: str, v: Any) -> Optional[str]:
-    """What is wrong with one value of parameter ``name`` (None if nothing)."""
-    kind, lo, lo_incl, hi = PARAMS[name]
-    if kind == "cat":
-        return None if v in lo else f"{v!r} is not one of {', '.join(lo)}"
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return f"{v!r} is not a number"
-    if kind == "int" and not float(v).is_integer():
-        return f"{v!r} is not a whole number"
-    if v < lo or (v == lo and not lo_incl) or (hi is not None and v >= hi):
-        rel = ">=" if lo_incl else ">"
-        upper = f" and < {hi:g}" if hi is not None else ""
-        return f"{v:g} is out of bounds: {name} must be {rel} {lo:g}{upper}"
-    return None
-
-
 def _check_param(where: str, name: str, p: Any, paired: bool) -> Any:
-    """Checks one declared parameter against its bounds; returns it with batch sizes as ints."""
-    kind = PARAMS[name][0]
+    """Checks one declared parameter against its bounds in :mod:`tune_dynsdpb.params`; returns it
+    (a new object where batch sizes become ints)."""
+    kind = param(name).type
     if isinstance(p, Range):
-        if kind == "cat":
+        if param(name).choices is not None:
             raise _bad(where, f"{name} takes a fixed value or {{choices: [...]}}, not a range")
-        if p.int_ and kind == "float":
-            raise _bad(where, "int ranges are only for num_train_epochs and per_device_train_batch_size")
-        if kind == "int":
-            p.int_ = True
+        if p.int_ and name not in INT_RANGES:
+            raise _bad(where, f"int ranges are only for {' and '.join(INT_RANGES)}")
+        if kind is int:
             if not all(float(x).is_integer() for x in (p.low, p.high, p.step or 1)):
                 raise _bad(where, "a batch-size range needs whole low, high and step")
+            p = p.model_copy(update={"int_": True})
         values = [p.low, p.high]
     else:
         values = p.choices if isinstance(p, Choices) else [p]
     for v in values:
-        problem = _value_problem(name, v)
+        problem = check_value(name, v)
         if problem:
-            raise _bad(where, problem)
+            raise _bad(where, f"{name} {problem}")
     if paired and name == "per_device_train_batch_size":
         step = (p.step or 1) if isinstance(p, Range) else 2
         if step % 2 or any(v % 2 or v < 2 for v in values):
             raise _bad(where, "dlb/dynsdpb split each batch in two halves: every batch size must be "
                               "even and >= 2 (for a range: even low and an even step)")
-    if kind == "int" and isinstance(p, Choices):
-        p.choices = [int(v) for v in p.choices]
-    elif kind == "int" and not isinstance(p, Range):
-        p = int(p)
+    if kind is int and isinstance(p, Choices):
+        return p.model_copy(update={"choices": [int(v) for v in p.choices]})
+    if kind is int and not isinstance(p, Range):
+        return int(p)
     return p
 
 
@@ -331,7 +300,8 @@ def max_reports(spec: SweepSpec) -> int:
     return math.ceil((3.0 if epochs is None else epochs) * spec.budget.evals_per_epoch)
 
 
-def _check_spec(spec: SweepSpec) -> None:
+def _check_spec(spec: SweepSpec) -> SweepSpec:
+    """Every rule across fields; returns the spec with its parameters normalised (ints)."""
     if not NAME.match(spec.name):
         raise _bad("name", f"{spec.name!r}: use letters, digits, '.', '_' and '-' (it names folders), "
                            "starting with a letter or digit")
@@ -353,12 +323,11 @@ def _check_spec(spec: SweepSpec) -> None:
         if spec.methods.index(m) < i:
             raise _bad(f"methods.{i}", f"duplicate method {m!r}")
     paired = any(m in PAIRED for m in spec.methods)
-    for block in ("common", *PAIRED):
-        for name, p in getattr(spec.params, block):
-            if p is not None:
-                checked = _check_param(f"params.{block}.{name}", name, p, paired)
-                setattr(getattr(spec.params, block), name, checked)
-    lo, hi = spec.training.tau_range or TAU_RANGE
+    blocks = {block: getattr(spec.params, block).model_copy(update={
+        name: _check_param(f"params.{block}.{name}", name, p, paired)
+        for name, p in getattr(spec.params, block) if p is not None}) for block in ("common", *PAIRED)}
+    spec = spec.model_copy(update={"params": spec.params.model_copy(update=blocks)})
+    lo, hi = spec.training.tau_range or PARAMS["tau_range"].default
     for block in PAIRED:
         p = getattr(spec.params, block).tau0
         ends = [p.low, p.high] if isinstance(p, Range) else p.choices if isinstance(p, Choices) else [p]
@@ -387,6 +356,7 @@ def _check_spec(spec: SweepSpec) -> None:
         raise _bad("resources.gpus_per_trial", "above 1 it must be a whole number of GPUs")
     if spec.budget.grace_period > max_reports(spec):
         raise _bad("budget.grace_period", f"exceeds the {max_reports(spec)} evaluations of the longest trial")
+    return spec
 
 
 def _contains(p: Union[Range, Choices], v: Any) -> bool:

@@ -105,10 +105,6 @@ class TrainingDiverged(RuntimeError):
         return type(self), (self.what, self.step)
 
 
-class TrainingDiverged(RuntimeError):
-    """Placeholder until the divergence checks land (method branch)."""
-
-
 class _WithSampleIds(Dataset):
     """Adds each row's index under ``SAMPLE_IDS``; keeps ``__getitems__`` for batched reads."""
 
