@@ -92,10 +92,22 @@ def ray_session():
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_TMPDIR", tmp)
-    mp.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files: faster
     mp.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
     mp.undo()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(ray_session, tiny_bert, data_dir, tmp_path_factory):
+    """One finished sweep shared by the tests that only read it (and by compare/export): two tasks
+    (rte scored by eval loss, so seeds differ; sst2 by accuracy) x three arms x two trials."""
+    import sweeps
+    from tune_dynsdpb.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("tiny-sweep")
+    spec = sweeps.spec_file(root, tiny_bert, name="tiny", tasks=[{"task": "rte", "metric": "loss"}, "sst2"])
+    state = run_sweep(spec, output_dir=root / "out", data_dir=str(data_dir), progress=False)
+    return root / "out", state

@@ -1,7 +1,8 @@
-"""`tune-dynsdpb compare` and `tune-dynsdpb export` on one tiny real sweep (Ray, MLflow SQLite, registry).
+"""`tune-dynsdpb compare` and `tune-dynsdpb export` on real sweeps (Ray, MLflow SQLite, registry).
 
-One module-scoped sweep (3 arms x 2 trials, metric eval_loss so that seeds give different numbers)
-feeds every test; the CLI runs in-process (``cli.main``), so Ray is started once.
+The session's shared two-task sweep (conftest ``tiny_sweep``: rte scored by eval loss, so that
+seeds give different numbers; sst2 by accuracy) feeds most tests; a real sweep whose every trial
+diverged feeds the "nothing to compare or export" ones. The CLI runs in-process (``cli.main``).
 """
 
 import json
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from test_sweep import spec_file
+from sweeps import spec_file
 from tune_dynsdpb.cli import main
-from tune_dynsdpb.compare import cohens_dz, config_notes, final_configs, paired_test, summarize
+from tune_dynsdpb.compare import final_configs
+from tune_dynsdpb.report import cohens_dz, config_notes, paired_test, summarize
 
 pytestmark = pytest.mark.slow
 METRIC = "eval_loss"
@@ -65,22 +67,24 @@ def test_final_configs_double_vanilla_epochs_only_for_compute():
     assert final_configs({"vanilla": {"method": "vanilla"}}, [0], "compute")[0]["num_train_epochs"] == 6.0
 
 
-# -- one tiny sweep for everything below ---------------------------------------------------------
+# -- the shared sweep ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sweep(tiny_bert, data_dir, tmp_path_factory):
-    import ray
+def sweep(tiny_sweep):
+    return tiny_sweep[0]
 
+
+@pytest.fixture(scope="module")
+def diverged(ray_session, tiny_bert, data_dir, tmp_path_factory):
+    """A real sweep whose every trial diverged (learning rate 1e6): no arm has a scored trial."""
     from tune_dynsdpb.sweep import run_sweep
 
-    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = temp
-    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
-    root = tmp_path_factory.mktemp("cmp")
-    out = root / "sweep"
-    run_sweep(spec_file(root, tiny_bert, name="cmp", num_samples=2, metric="loss", mode="min"), output_dir=out,
-              data_dir=str(data_dir), progress=False)
-    yield out
-    ray.shutdown()
+    root = tmp_path_factory.mktemp("diverged")
+    spec = spec_file(root, tiny_bert, name="diverged", methods=["dlb"], num_samples=2, grace_period=2,
+                     params={"common": {"learning_rate": 1.0e6, "num_train_epochs": 1,
+                                        "per_device_train_batch_size": 16},
+                             "dlb": {"alpha0": 1.0, "tau0": 3.0}})
+    state = run_sweep(spec, output_dir=root / "out", data_dir=str(data_dir), progress=False)
+    return root / "out", state
 
 
 def client(out: Path):
@@ -89,14 +93,15 @@ def client(out: Path):
     return MlflowClient(uri, registry_uri=uri)
 
 
-def runs_with(c, **tags):
-    exp = c.get_experiment_by_name("cmp")
+def runs_with(c, name="tiny", **tags):
+    exp = c.get_experiment_by_name(name)
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     return c.search_runs([exp.experiment_id], where, max_results=1000)
 
 
-def state_of(out: Path) -> dict:
-    return json.loads((out / "sweep.json").read_text())
+def state_of(out: Path):
+    from tune_dynsdpb.state import open_sweep
+    return open_sweep(out)
 
 
 def rejected(capsys, argv, *needles):
@@ -110,22 +115,38 @@ def rejected(capsys, argv, *needles):
     return err[-1]
 
 
+def test_a_sweep_whose_trials_all_diverged_has_no_best_and_says_why(diverged):
+    from tune_dynsdpb.sweep import arm_problems
+
+    out, state = diverged
+    arm = state.arms["rte/dlb"]
+    assert arm.best is None and arm.counts == {"FAILED": 2}
+    assert arm.failures and arm.failures[0].startswith("training diverged: non-finite ")
+    (line,) = arm_problems(state)
+    assert line.startswith("rte/dlb: 2 of 2 trials failed: training diverged: non-finite ")
+    runs = runs_with(client(out), "diverged", **{"tune_dynsdpb.role": "trial"})
+    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+    assert all(r.data.tags["tune_dynsdpb.failure"].startswith("training diverged") for r in runs)
+
+
 def test_compare_epochs_report_matches_mlflow(sweep, capsys):
-    assert main(["compare", str(sweep), "--seeds", "2", "--budget", "epochs"]) == 0
-    report = sweep / "report-epochs"
+    assert main(["compare", str(sweep), "--seeds", "2", "--budget", "epochs", "--task", "rte"]) == 0
+    report = sweep / "report-epochs" / "rte"
     names = {p.name for p in report.iterdir()}
     assert {"report.md", "report.html", "finals.json", "eval_curve.png", "alpha_tau.png", "best_so_far.png",
-            "grad_norms.png"} <= names
+            "grad_norms.png", "heatmap_dlb.png", "heatmap_dynsdpb.png"} <= names
     assert not list(sweep.glob(".report-epochs.partial-*"))
     md, html = (report / "report.md").read_text(), (report / "report.html").read_text()
     assert "epochs" in md and "<table>" in html and '<img src="eval_curve.png"' in html
     summary = json.loads((report / "finals.json").read_text())
+    assert summary["baseline"] is not None  # a loss: the constant predictor's
 
-    # MLflow: one finals run under the parent, 3 arms x 2 seeds of trial runs under it, with method + seed
+    # MLflow: one finals run under the task's run, 3 arms x 2 seeds of trial runs under it, with method + seed
     c = client(sweep)
-    parent = state_of(sweep)["parent_run_id"]
+    (task_run,) = runs_with(c, **{"tune_dynsdpb.role": "task", "tune_dynsdpb.task": "rte"})
     (finals,) = runs_with(c, **{"tune_dynsdpb.arm": "finals-epochs", "tune_dynsdpb.role": "arm"})
-    assert finals.data.tags["mlflow.parentRunId"] == parent and finals.info.run_id == summary["finals_run_id"]
+    assert finals.data.tags["mlflow.parentRunId"] == task_run.info.run_id
+    assert finals.info.run_id == summary["finals_run_id"]
     trials = runs_with(c, **{"tune_dynsdpb.arm": "finals-epochs", "tune_dynsdpb.role": "trial"})
     assert sorted((r.data.params["method"], r.data.params["seed"]) for r in trials) == sorted(
         (m, s) for m in ARMS for s in ("0", "1"))
@@ -141,76 +162,64 @@ def test_compare_epochs_report_matches_mlflow(sweep, capsys):
         arm = summary["arms"][m]
         assert arm["n"] == 2 and arm["mean"] == pytest.approx(np.mean(values))
         assert arm["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
-        lo, hi = stats.t.interval(0.95, 1, loc=np.mean(values), scale=stats.sem(values)) if np.std(values) else (
-            np.mean(values),) * 2
+        assert np.std(values) > 0  # seeds differ on eval loss, so the interval below is a real one
+        lo, hi = stats.t.interval(0.95, 1, loc=np.mean(values), scale=stats.sem(values))
         assert (arm["ci_low"], arm["ci_high"]) == pytest.approx((lo, hi))
-        row = next(line for line in md.splitlines() if line.startswith(f"| {m} | 2 |"))
-        assert f"{np.mean(values):.4f}" in row
+        assert f"{np.mean(values):.4f}" in md
         passes = [r.data.metrics["sample_passes"] for r in trials if r.data.params["method"] == m]
         assert arm["sample_passes_mean"] == pytest.approx(np.mean(passes))
     for other in ("dlb", "vanilla"):
         diffs = [scores["dynsdpb"][s] - scores[other][s] for s in (0, 1)]
         p = summary["paired"][f"dynsdpb-{other}"]
         assert p["diffs"] == pytest.approx(diffs) and p["mean_diff"] == pytest.approx(np.mean(diffs))
-        if np.std(diffs):
-            ref = stats.ttest_rel([scores["dynsdpb"][s] for s in (0, 1)], [scores[other][s] for s in (0, 1)])
-            assert p["p_ttest"] == pytest.approx(ref.pvalue)
-            assert p["d_z"] == pytest.approx(np.mean(diffs) / np.std(diffs, ddof=1))
+        ref = stats.ttest_rel([scores["dynsdpb"][s] for s in (0, 1)], [scores[other][s] for s in (0, 1)])
+        assert p["p_ttest"] == pytest.approx(ref.pvalue, nan_ok=True)
         assert f"dynsdpb − {other}" in md
     # epochs budget: DLB-style arms make twice vanilla's sample-passes
     arms = summary["arms"]
     assert arms["dlb"]["sample_passes_mean"] == pytest.approx(2 * arms["vanilla"]["sample_passes_mean"])
     # the report is an artifact of the parent run
-    logged = {Path(a.path).name for a in c.list_artifacts(parent, "report-epochs")}
+    logged = {Path(a.path).name for a in c.list_artifacts(state_of(sweep).parent_run_id, "report-epochs/rte")}
     assert {"report.md", "report.html", "eval_curve.png"} <= logged
 
     # a second run of the same budget is refused, the report stays
     rejected(capsys, ["compare", str(sweep), "--budget", "epochs"], "report-epochs", "already exists")
 
 
-def test_compare_compute_budget_equalizes_sample_passes(sweep):
+def test_compare_compute_budget_equalizes_sample_passes_and_writes_the_cross_task_table(sweep):
     assert main(["compare", str(sweep), "--seeds", "1", "--budget", "compute", "--methods", "vanilla", "dynsdpb"]) == 0
-    summary = json.loads((sweep / "report-compute" / "finals.json").read_text())
-    best = {m: a["best"]["config"] for m, a in state_of(sweep)["arms"].items()}
-    by_arm = {t["method"]: t for t in summary["trials"]}
-    assert set(by_arm) == {"vanilla", "dynsdpb"}
-    assert by_arm["vanilla"]["num_train_epochs"] == 2 * best["vanilla"]["num_train_epochs"]
-    assert by_arm["dynsdpb"]["num_train_epochs"] == best["dynsdpb"]["num_train_epochs"]
-    batch = best["vanilla"]["per_device_train_batch_size"]
-    assert abs(by_arm["vanilla"]["sample_passes"] - by_arm["dynsdpb"]["sample_passes"]) <= batch
-    assert "**compute**" in (sweep / "report-compute" / "report.md").read_text()
-    trials = runs_with(client(sweep), **{"tune_dynsdpb.arm": "finals-compute", "tune_dynsdpb.role": "trial"})
-    epochs_runs = {r.info.run_id for r in runs_with(client(sweep), **{"tune_dynsdpb.arm": "finals-epochs",
-                                                                       "tune_dynsdpb.role": "trial"})}
-    if epochs_runs:  # dynsdpb's seed-0 final is the same config as in the epochs finals: reused, not retrained
-        assert {r.data.params["method"] for r in trials} == {"vanilla"}
-        assert by_arm["dynsdpb"]["run_id"] in epochs_runs
-    else:
-        assert {r.data.params["method"] for r in trials} == {"vanilla", "dynsdpb"}
-    passes = {t["method"]: t["sample_passes"] for t in summary["trials"]}
-    assert abs(passes["vanilla"] - passes["dynsdpb"]) <= batch
+    state = state_of(sweep)
+    for task in ("rte", "sst2"):
+        summary = json.loads((sweep / "report-compute" / task / "finals.json").read_text())
+        best = {m: b.config for m, b in state.scored(task).items()}
+        by_arm = {t["method"]: t for t in summary["trials"]}
+        assert set(by_arm) == {"vanilla", "dynsdpb"}
+        assert by_arm["vanilla"]["num_train_epochs"] == 2 * best["vanilla"]["num_train_epochs"]
+        assert by_arm["dynsdpb"]["num_train_epochs"] == best["dynsdpb"]["num_train_epochs"]
+        batch = best["vanilla"]["per_device_train_batch_size"]
+        assert abs(by_arm["vanilla"]["sample_passes"] - by_arm["dynsdpb"]["sample_passes"]) <= batch
+        assert "**compute**" in (sweep / "report-compute" / task / "report.md").read_text()
+    table = json.loads((sweep / "cross-task" / "cross_task.json").read_text())
+    assert "compute" in table["budgets"]
+    assert {r["task"] for r in table["budgets"]["compute"]["rows"]} == {"rte", "sst2"}
+    md = (sweep / "cross-task" / "cross_task.md").read_text()
+    assert "| rte |" in md and "| sst2 |" in md and "dynsdpb − vanilla" in md
+    logged = {Path(a.path).name for a in client(sweep).list_artifacts(state.parent_run_id, "cross-task")}
+    assert {"cross_task.md", "cross_task.html", "cross_task.json"} <= logged
 
 
-def test_compare_bad_input(sweep, tmp_path, capsys):
+def test_compare_bad_input(sweep, diverged, tmp_path, capsys):
     rejected(capsys, ["compare", str(tmp_path)], "holds no sweep")
     rejected(capsys, ["compare", str(sweep), "--methods", "dlb", "sdpb"], "sdpb")
-    unfinished = fake_sweep(sweep, tmp_path / "unfinished")
-    rejected(capsys, ["compare", str(unfinished)], "has no finished trial")
-
-
-def fake_sweep(sweep: Path, where: Path) -> Path:
-    """A copy of the sweep's state with no scored trial, sharing its tracking store."""
-    where.mkdir()
-    state = state_of(sweep)
-    for arm in state["arms"].values():
-        arm["best"]["score"] = None
-    (where / "sweep.json").write_text(json.dumps(state))
-    return where
+    rejected(capsys, ["compare", str(sweep), "--task", "cola"], "--task", "cola")
+    rejected(capsys, ["compare", str(diverged[0])], "has no finished trial")
+    (tmp_path / "sweep.json").write_text("{not json")
+    rejected(capsys, ["compare", str(tmp_path)], "sweep.json", "corrupt")
 
 
 # -- export ---------------------------------------------------------------------------------------
-def winner(state: dict) -> str:
-    scored = {m: a["best"]["score"] for m, a in state["arms"].items()}
+def winner(state) -> str:
+    scored = {m: b.score for m, b in state.scored("rte").items()}
     return min(scored, key=scored.get)  # eval_loss: lower is better
 
 
@@ -220,7 +229,8 @@ def test_export_registers_every_arm_and_loads_back(sweep, tmp_path, capsys):
 
     from tune_dynsdpb.export import _tracking
 
-    assert main(["export", str(sweep), "--name", "tiny-rte"]) == 0
+    rejected(capsys, ["export", str(sweep), "--name", "tiny-rte"], "--task", "several tasks")
+    assert main(["export", str(sweep), "--name", "tiny-rte", "--task", "rte"]) == 0
     c, state = client(sweep), state_of(sweep)
     model = c.get_registered_model("tiny-rte")
     assert model.tags["tune_dynsdpb.task"] == "rte"
@@ -230,10 +240,10 @@ def test_export_registers_every_arm_and_loads_back(sweep, tmp_path, capsys):
     assert champion.version == model.aliases[f"best-{winner(state)}"]
     for m in ARMS:
         v = c.get_model_version_by_alias("tiny-rte", f"best-{m}")
-        best = state["arms"][m]["best"]
-        assert v.tags["tune_dynsdpb.arm"] == m and v.tags["tune_dynsdpb.sweep_id"] == state["sweep_id"]
+        best = state.scored("rte")[m]
+        assert v.tags["tune_dynsdpb.arm"] == m and v.tags["tune_dynsdpb.sweep_id"] == state.sweep_id
         assert v.tags["tune_dynsdpb.metric"] == METRIC
-        assert float(v.tags["tune_dynsdpb.metric_value"]) == pytest.approx(best["score"])
+        assert float(v.tags["tune_dynsdpb.metric_value"]) == pytest.approx(best.score)
         assert v.tags["tune_dynsdpb.seed"] == "0" and v.tags["tune_dynsdpb.task"] == "rte"
         assert "RTE" in v.tags["tune_dynsdpb.data_source"]
     assert len({model.aliases[f"best-{m}"] for m in ARMS}) == 3  # one version per arm
@@ -274,21 +284,20 @@ def test_export_picks_the_winner_mode_aware_or_the_arm_asked_for(sweep):
     from tune_dynsdpb.export import _candidates
 
     state = state_of(sweep)
-    assert _candidates(state, None, "x")[1] == winner(state)
-    assert _candidates(state, "dlb", "x")[1] == "dlb"
-    flipped = {**state, "mode": "max"}
-    scored = {m: a["best"]["score"] for m, a in state["arms"].items()}
-    assert _candidates(flipped, None, "x")[1] == max(scored, key=scored.get)
+    assert _candidates(state, "rte", None, "x")[1] == winner(state)
+    assert _candidates(state, "rte", "dlb", "x")[1] == "dlb"
+    scored = {m: b.score for m, b in state.scored("sst2").items()}  # accuracy: higher is better
+    assert _candidates(state, "sst2", None, "x")[1] == max(scored, key=scored.get)
 
 
-def test_export_bad_input_registers_nothing(sweep, tmp_path, capsys):
+def test_export_bad_input_registers_nothing(sweep, diverged, capsys):
     c = client(sweep)
     exports = len(runs_with(c, **{"tune_dynsdpb.role": "export"}))
-    rejected(capsys, ["export", str(fake_sweep(sweep, tmp_path / "u")), "--name", "never"], "has no finished trial")
-    rejected(capsys, ["export", str(sweep), "--name", "never", "--arm", "sdpb"], "--arm", "sdpb")
+    rejected(capsys, ["export", str(diverged[0]), "--name", "never"], "has no finished trial")
+    rejected(capsys, ["export", str(sweep), "--name", "never", "--task", "rte", "--arm", "sdpb"], "--arm", "sdpb")
     assert not registered(c, "never")
     c.create_registered_model("sst2-model", tags={"tune_dynsdpb.task": "sst2"})
-    rejected(capsys, ["export", str(sweep), "--name", "sst2-model"], "sst2-model", "sst2", "rte")
+    rejected(capsys, ["export", str(sweep), "--name", "sst2-model", "--task", "rte"], "sst2-model", "sst2", "rte")
     assert not c.search_model_versions("name = 'sst2-model'")
     assert len(runs_with(c, **{"tune_dynsdpb.role": "export"})) == exports  # nothing logged either
     rejected(capsys, ["export", "--model", "models:/x@champion"], "--out")
@@ -300,6 +309,10 @@ def test_export_failing_midway_deletes_what_it_registered(sweep, monkeypatch):
 
     from tune_dynsdpb.export import export_sweep
 
+    c = client(sweep)
+    export_sweep(sweep, "midway", task="sst2")  # an existing model, with versions and aliases
+    versions = {v.version for v in c.search_model_versions("name = 'midway'")}
+    aliases = c.get_registered_model("midway").aliases
     real, calls = MlflowClient.create_model_version, []
 
     def flaky(self, *args, **kwargs):  # the second registration fails
@@ -308,19 +321,15 @@ def test_export_failing_midway_deletes_what_it_registered(sweep, monkeypatch):
             raise MlflowException("registry went away")
         return real(self, *args, **kwargs)
 
-    c = client(sweep)
     monkeypatch.setattr(MlflowClient, "create_model_version", flaky)
     with pytest.raises(MlflowException, match="went away"):
-        export_sweep(sweep, "half")  # a new name: the model goes too
+        export_sweep(sweep, "half", task="sst2")  # a new name: the model goes too
     assert len(calls) == 2 and not registered(c, "half") and not c.search_model_versions("name = 'half'")
-    # an existing model (from test_export_registers_every_arm_and_loads_back) keeps versions and aliases
-    versions = {v.version for v in c.search_model_versions("name = 'tiny-rte'")}
-    aliases = c.get_registered_model("tiny-rte").aliases
     calls.clear()
     with pytest.raises(MlflowException, match="went away"):
-        export_sweep(sweep, "tiny-rte")
-    assert {v.version for v in c.search_model_versions("name = 'tiny-rte'")} == versions
-    assert c.get_registered_model("tiny-rte").aliases == aliases
+        export_sweep(sweep, "midway", task="sst2")  # the existing model keeps its versions and aliases
+    assert {v.version for v in c.search_model_versions("name = 'midway'")} == versions
+    assert c.get_registered_model("midway").aliases == aliases
 
 
 def test_config_notes_flag_zero_rates_and_identical_arms():

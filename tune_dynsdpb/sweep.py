@@ -357,7 +357,7 @@ def _disk_use(folder: Path) -> int:
 def print_header(state: SweepState, out: Path) -> None:
     from rich.console import Console
 
-    c = Console()
+    c = Console(soft_wrap=True)
     tasks = ", ".join(f"{n} ({t.train_size} train / {t.eval_size} eval, {t.metric.removeprefix('eval_')})"
                       for n, t in state.tasks.items())
     c.print(f"[bold]sweep {state.spec['name']}[/bold]: {tasks}")
@@ -464,7 +464,7 @@ def print_summary(state: SweepState, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # commands and paths stay whole, to copy and paste
     for name, task in state.tasks.items():
         t = Table(title=f"{name}: best per arm ({task.metric}, {task.mode})")
         t.add_column("arm")
@@ -480,7 +480,7 @@ def print_summary(state: SweepState, out: Path) -> None:
             t.add_row(m, "-" if b is None else f"{b.score:.4f}",
                       learned_line(b.score if b else None, task.baseline, task.metric, task.mode),
                       "/".join(str(arm.counts.get(o.value, 0)) for o in R.Outcome), short_config(b.config) if b else "-")
-        console.print(t)
+        console.print(t, soft_wrap=False)
     uri = state.tracking_uri
     console.print(f"MLflow: experiment '{state.spec['name']}', parent run {state.parent_run_id}")
     console.print(f"  mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"  {uri}")

@@ -169,7 +169,10 @@ def params_of(d: dict) -> dict[str, str]:
 
 
 def metrics_of(result: dict, now_ms: int) -> tuple[int, list[Metric]]:
+    """The result's numbers as MLflow metrics at its step, stamped with the time the trial reported."""
     step = int(result.get(R.STEP, result.get("training_iteration", 0)) or 0)
+    if isinstance(result.get("timestamp"), (int, float)):
+        now_ms = int(result["timestamp"] * 1000)
     out = [Metric(_key(k), float(v), now_ms, step)
            for k, v in _flatten({k: v for k, v in result.items() if k not in _SKIP_KEYS}, sep="/").items()
            if isinstance(v, numbers.Real)]  # bools too; NaN/inf are kept
