@@ -101,8 +101,8 @@ class _TuneReporter(TrainerCallback):
         score = self.eval_metrics.get(self.job.metric)
         if failure is not None:
             out[R.FAILURE] = failure
-        elif R.finite(score):
-            out[R.OBJECTIVE] = R.objective(score, self.job.mode)
+        else:  # a score that is not finite (e.g. a correlation of constant predictions) is the worst
+            out[R.OBJECTIVE] = R.objective(score, self.job.mode) if R.finite(score) else float("-inf")
         return out
 
 

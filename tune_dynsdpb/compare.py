@@ -92,8 +92,10 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
     names = [state.pick_task(t) for t in tasks] if tasks else list(state.tasks)
     best = {t: _select_arms(state, t, methods, str(out)) for t in names}
     report_dir = out / f"report-{budget}"
-    if report_dir.exists():
-        raise UserError(f"{report_dir} already exists; remove it to run the {budget} finals again")
+    targets = {n: report_dir if len(state.tasks) == 1 else report_dir / n for n in names}
+    for target in targets.values():
+        if target.exists():
+            raise UserError(f"{target} already exists; remove it to run the {budget} finals again")
 
     spec = state.sweep_spec()
     tracker = SweepTracker(state.tracking_uri, spec.name, state.sweep_id)
@@ -153,9 +155,8 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
         for checkpoint, _ in result.best_checkpoints or []:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
     reused_ids = {r.metrics.get("trial_id") for r in reused}
-    summaries = {}
-    with staged_output(report_dir, flag=str(report_dir)) as tmp:
-        for n in names:
+    for n in names:
+        with staged_output(targets[n], flag=str(targets[n])) as folder:
             t = state.tasks[n]
             trials, histories = collect_finals([r for r in results + reused if (r.config or {}).get("task") == n],
                                                t.metric)
@@ -164,16 +165,14 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
                 tr["run_id"] = tracker.find_trial_run(n, arm, tr["trial_id"]) if tr["trial_id"] else None
             sweep_trials = {m: _sweep_trials(tracker, spec, n, m, t.metric, t.mode) for m in best[n]}
             sweep_scores = {m: [x["score"] for x in trials_] for m, trials_ in sweep_trials.items()}
-            folder = tmp if len(names) == 1 else tmp / n
-            folder.mkdir(exist_ok=True)
-            summaries[n] = write_report(folder, state=_report_state(state, n), task=n, best=best[n], budget=budget,
+            summary = write_report(folder, state=_report_state(state, n), task=n, best=best[n], budget=budget,
                                         seeds=seed_list, trials=trials, histories=histories,
                                         sweep_scores=sweep_scores, finals_run=finals_runs[n], baseline=t.baseline,
                                         sweep_trials=sweep_trials)
-            for m, s in summaries[n]["arms"].items():
+            for m, s in summary["arms"].items():
                 if s["mean"] is not None:
                     tracker.client.log_metric(finals_runs[n], f"{m}_{t.metric}_mean", s["mean"])
-        tracker.client.log_artifacts(parent, str(tmp), f"report-{budget}")
+            tracker.client.log_artifacts(parent, str(folder), str(targets[n].relative_to(out)))
     if len(state.tasks) > 1:
         write_cross_task_report(out, tracker)
     return report_dir

@@ -95,7 +95,7 @@ class RoundRobinSearcher(Searcher):
     """One searcher per group; new trials go out round-robin, ``per_group`` trials each."""
 
     def __init__(self, searchers: dict[Group, Searcher], per_group: int):
-        super().__init__(metric=R.OBJECTIVE, mode=R.MODE)
+        super().__init__()  # no metric for Tune to demand: a failed trial's last report has no objective
         self.searchers, self.per_group = dict(searchers), per_group
         self.order = list(self.searchers)
         self.started: dict[Group, int] = {g: 0 for g in self.order}
@@ -124,7 +124,7 @@ class RoundRobinSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         group = self.trial_group.get(trial_id)
-        if group is not None:
+        if group is not None and R.OBJECTIVE in result:  # (a failure report has none)
             self.searchers[group].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:

@@ -237,8 +237,8 @@ def create_tuner(spec: SweepSpec, groups: list, trainable, storage: str, callbac
     storage_obj = create_journal_storage(journal) if journal else None
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(
-            metric=R.OBJECTIVE, mode=R.MODE, num_samples=len(groups) * spec.budget.num_samples,
+        tune_config=tune.TuneConfig(  # no metric here: a failed trial's last report has no objective
+            num_samples=len(groups) * spec.budget.num_samples,
             reuse_actors=True,  # no process start + torch/transformers import per trial
             max_concurrent_trials=max_concurrent(spec), time_budget_s=spec.budget.time_budget_s,
             search_alg=create_searcher(spec, groups, storage_obj), scheduler=create_scheduler(spec, groups)),
@@ -303,7 +303,7 @@ def collect_outcomes(grid, state: SweepState) -> list[dict]:
         df = result.metrics_dataframe
         if outcome is R.Outcome.FAILED or df is None or R.OBJECTIVE not in df:
             continue
-        scores = df[R.OBJECTIVE].dropna()
+        scores = df[R.OBJECTIVE].replace([float("inf"), float("-inf")], float("nan")).dropna()
         if scores.empty:
             continue
         best_obj = float(scores.max())
