@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from tune_dynsdpb import results as R
 from tune_dynsdpb.run import create_trainer, load_model
@@ -126,6 +127,7 @@ def fit(config: dict, job: Job, train_dataset, eval_dataset, report: Callable[[d
     reporter = _TuneReporter(report, job, group, batch * accumulation * world_size)
     trainer = create_trainer(job.task, model, tokenizer, train_dataset, eval_dataset, args,
                              callbacks=[reporter, *job.callbacks])
+    trainer.remove_callback(PrinterCallback)  # the reports carry the logs; nothing for a console
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except TrainingDiverged as e:  # a failed trial, not a crash to retry: report why and end

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grad-norm-steps", type=int, help="log per-layer gradient norms every N steps "
                                                        "(default: at every evaluation; 0: off)")
     c.add_argument("--ray-address", help="join an existing Ray cluster, e.g. 'auto'")
+    c.add_argument("--tracking-uri", help="the sweep's tracking store, when its saved URI is redacted (a password)")
     c.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("export", help="register the sweep's best models in MLflow, or write one as a HF folder",
@@ -141,7 +142,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import run_compare
 
     report = run_compare(a.sweep_dir, seeds=a.seeds, budget=a.budget, methods=a.methods, tasks=a.tasks,
-                         ray_address=a.ray_address, grad_norm_steps=a.grad_norm_steps)
+                         ray_address=a.ray_address, tracking_uri=a.tracking_uri, grad_norm_steps=a.grad_norm_steps)
     pages = sorted(p for p in report.rglob("*.html"))
     print("report: " + ", ".join(str(p) for p in pages))
     return 0
@@ -207,7 +208,8 @@ def check_train_args(a: argparse.Namespace) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     check_train_args(a)
     from .data import load_task, tokenize_task
-    from .run import create_trainer, load_model, metric_key, save_final_model
+    from .results import metric_key
+    from .run import create_trainer, load_model, save_final_model
     from .trainer import DynSDPBConfig, TrainingDiverged
 
     out = a.output_dir
@@ -235,7 +237,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             final = trainer.evaluate()
             save_final_model(trainer, tokenizer, tmp)
             shutil.rmtree(tmp / "trainer", ignore_errors=True)
-            key = metric_key(task)
+            key = metric_key(task.metric)
             settings = {"model": a.model, **{name: getattr(a, name) for name in params.PARAMS},
                         "batch_size": batch, "learning_rate": a.learning_rate, "epochs": a.num_train_epochs,
                         "max_length": a.max_length, "seed": a.seed}

@@ -66,7 +66,7 @@ def _select_arms(state: SweepState, task: str, methods: Sequence[str] | None, wh
 
 
 def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", methods: Sequence[str] | None = None,
-                tasks: Sequence[str] | None = None, ray_address: str | None = None,
+                tasks: Sequence[str] | None = None, ray_address: str | None = None, tracking_uri: str | None = None,
                 grad_norm_steps: int | None = None, ray_temp_dir: str | None = None) -> Path:
     """Runs the finals of a sweep, every task in one Tune experiment, and writes
     ``SWEEP/report-<budget>/`` (one report per task, plus the cross-task table when the sweep
@@ -79,7 +79,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
     from .experiment import check_resources, create_trainable, init_ray, prepare_tasks
     from .files import staged_output
     from .sweep import fit_tuner
-    from .tracking import SweepTracker
+    from .tracking import SweepTracker, open_tracking_uri
 
     out = Path(sweep_dir).resolve()
     state = open_sweep(out)
@@ -98,7 +98,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
             raise UserError(f"{target} already exists; remove it to run the {budget} finals again")
 
     spec = state.sweep_spec()
-    tracker = SweepTracker(state.tracking_uri, spec.name, state.sweep_id)
+    tracker = SweepTracker(open_tracking_uri(state.tracking_uri, tracking_uri), spec.name, state.sweep_id)
     parent = tracker.parent_run_id
     init_ray(ray_address, ray_temp_dir)
     check_resources(spec, str(out))

@@ -8,3 +8,9 @@ ordinary ``ValueError`` subclass they can catch.
 
 class UserError(ValueError):
     """Bad input. The message is one line and names the offending field or file."""
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

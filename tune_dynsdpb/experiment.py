@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .search_space import SweepSpec, TaskSpec, resolve_metric
 
 
@@ -35,10 +35,14 @@ def quiet_libraries(verbose: bool = False) -> None:
     import optuna
     import transformers
 
+    import huggingface_hub
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
     for name in ("alembic", "mlflow", "ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING if name != "alembic" else logging.ERROR)
 
@@ -73,7 +77,7 @@ def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: b
                         "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the head's token "
                         "(`ray get-auth-token` on the head)") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        text = one_line(e)
         if "token" in text.lower():
             raise UserError(f"--ray-address: the Ray cluster at {address!r} needs a token: set RAY_AUTH_MODE=token "
                             "and RAY_AUTH_TOKEN (or ~/.ray/auth_token) from the head") from None
@@ -155,7 +159,7 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
             raise
         except Exception as e:  # noqa: BLE001 - e.g. LoRA target modules the model does not have
             raise UserError(f"{where}: task {task.name}: cannot build the model: {type(e).__name__}: "
-                            f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
+                            f"{one_line(e)}") from None
         train, evals = tokenize_task(task, tokenizer, ts.max_length, cache_dir=cache_dir)
         r = spec.resources
         job = Job(model_path=model_path, task=task, metric=metric, mode=mode,
@@ -201,9 +205,8 @@ def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> No
             except UserError as e:
                 raise UserError(f"{where}: task {name}: {e}") from None
             except Exception as e:  # noqa: BLE001 - any failure here would fail every trial
-                text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 raise UserError(f"{where}: task {name}: a training step with the {method} arm's first point "
-                                f"fails: {type(e).__name__}: {text}") from None
+                                f"fails: {type(e).__name__}: {one_line(e)}") from None
 
 
 def create_trainable(spec: SweepSpec, tasks: dict[str, PreparedTask], trainable=None):

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 TAG_TASK = "tune_dynsdpb.task"
 ALIAS_CHAMPION = "champion"
@@ -53,10 +53,6 @@ def _tracking(uri: str | None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def pipeline_task(kind: str) -> str:
@@ -118,7 +114,7 @@ def _check_name(client, name: str, task: str) -> bool:
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
-        raise UserError(f"--name: {name!r}: {_one_line(e)}") from None
+        raise UserError(f"--name: {name!r}: {one_line(e)}") from None
     have = model.tags.get(TAG_TASK)
     if have is None and client.search_model_versions(f"name = '{name}'", max_results=1):
         raise UserError(f"--name: registered model {name!r} already holds models of an unknown task "
@@ -138,7 +134,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
 
     from .data import load_task
     from .state import open_sweep
-    from .tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP, SweepTracker, check_tracking_uri, use_tracking_uri
+    from .tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP, SweepTracker, check_tracking_uri, open_tracking_uri
 
     out = Path(sweep_dir).resolve()
     state = open_sweep(out)
@@ -149,7 +145,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     for m, b in best.items():
         if not b.get("checkpoint") or not Path(b["checkpoint"]).is_dir():
             raise UserError(f"{out}: the best checkpoint of arm {m!r} is missing: {b.get('checkpoint')}")
-    uri = use_tracking_uri(tracking_uri) if tracking_uri else state.tracking_uri
+    uri = open_tracking_uri(state.tracking_uri, tracking_uri)
     check_tracking_uri(uri)
     spec = state.sweep_spec()
     ts = next(t for t in spec.task_specs() if t.task == task_name)
@@ -262,7 +258,7 @@ def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = No
         try:
             parts = mlflow.transformers.load_model(model_uri, return_type="components")
         except (MlflowException, OSError) as e:
-            raise UserError(f"--model: cannot load {model_uri}: {_one_line(e)}") from None
+            raise UserError(f"--model: cannot load {model_uri}: {one_line(e)}") from None
     with staged_output(out, flag="--out") as tmp:
         parts["model"].save_pretrained(tmp)
         for key in ("tokenizer", "feature_extractor", "image_processor", "processor"):

@@ -45,6 +45,11 @@ class Outcome(str, enum.Enum):
         return self.value
 
 
+def metric_key(name: str) -> str:
+    """The Trainer's name of a task metric: ``accuracy`` -> ``eval_accuracy`` (unchanged if prefixed)."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
 def objective(score: float, mode: str) -> float:
     """``score`` signed so that higher is better."""
     return float(score) if mode == "max" else -float(score)

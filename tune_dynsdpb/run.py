@@ -114,12 +114,6 @@ def create_trainer(task: Task, model, tokenizer, train_dataset, eval_dataset, ar
                           callbacks=list(callbacks))
 
 
-def metric_key(task: Task, metric: str | None = None) -> str:
-    """The Trainer's name for the task's headline metric, e.g. ``eval_accuracy``."""
-    name = metric or task.metric
-    return name if name.startswith("eval_") else f"eval_{name}"
-
-
 def save_final_model(trainer: DynSDPBTrainer, tokenizer, folder: str | Path) -> None:
     """The model in Hugging Face format (LoRA adapters merged), with its tokenizer."""
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -36,6 +36,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, model_validator)
 
 from .errors import UserError
+from .results import metric_key
 from .params import METHODS, PAIRED_METHODS, PARAMS, check_value, param
 
 PAIRED: tuple[str, ...] = tuple(m for m in METHODS if m in PAIRED_METHODS)  # even batch sizes only
@@ -477,4 +478,4 @@ def resolve_metric(task_spec: TaskSpec, task_metrics: tuple[str, ...], task_metr
         raise UserError(f"{where}: metric: {name!r} is not reported by task {task_spec.task!r} "
                         f"(valid: {', '.join(valid)})")
     mode = task_spec.mode or ("min" if name in LOSS_METRICS else task_mode)
-    return f"eval_{name}", mode
+    return metric_key(name), mode

@@ -84,6 +84,8 @@ def _check_resume_args(state: SweepState, **given: Any) -> None:
             continue
         if flag == "--methods" and list(value) == saved[flag] or value == saved[flag]:
             continue
+        if flag == "--tracking-uri" and "***" in saved[flag]:  # the same store, its secret given again
+            continue
         raise UserError(f"{flag}: {value!r} conflicts with the saved sweep's {saved[flag]!r}; "
                         f"drop it to resume, or start a new sweep")
 
@@ -102,7 +104,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
     """Runs (or resumes) a sweep; returns its final state. ``trainer_callbacks`` go into every
     trial's Trainer (extra ``TrainerCallback`` objects: logging, fault injection in tests)."""
     from .tracking import (SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri,
-                           redact_uri, use_tracking_uri)
+                           open_tracking_uri, redact_uri, use_tracking_uri)
 
     quiet_libraries(verbose)
     # -- 1. what was asked, validated before any trial --------------------------------------------
@@ -117,10 +119,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
                                      "--tracking-uri": redact_uri(tracking_uri) if tracking_uri else None})
         spec = state.sweep_spec()
         spec = spec.model_copy(update={"tasks": state.task_specs(), "task": None})
-        if tracking_uri:
-            tracking_uri = use_tracking_uri(tracking_uri)
-        else:
-            tracking_uri = state.tracking_uri
+        tracking_uri = open_tracking_uri(state.tracking_uri, tracking_uri)
     else:
         if spec_path is None:
             raise UserError("sweep: give a sweep file (e.g. search_spaces/quickstart.yaml)")
@@ -139,6 +138,8 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
         tasks = prepare_tasks(spec, model_path, out / "cache", where, data_dir=None if state else data_dir,
                               callbacks=trainer_callbacks)
         if state is None:
+            if progress:
+                print(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
             preflight(spec, tasks, where)
             state = SweepState(
                 sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=where,

@@ -44,7 +44,7 @@ from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
 from . import results as R
-from .errors import UserError
+from .errors import UserError, one_line
 
 TAG_SWEEP = "tune_dynsdpb.sweep_id"
 TAG_ROLE = "tune_dynsdpb.role"
@@ -71,11 +71,6 @@ def _key(k: str) -> str:
     return _BAD_KEY_CHARS.sub("_", k)[:_MAX_KEY]
 
 
-def one_line(exc: BaseException | str) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 # -- URIs and credentials -------------------------------------------------------------------------
 def redact_uri(uri: str) -> str:
     """``uri`` without the password (or token) in its user info: ``https://user:***@host``."""
@@ -100,6 +95,17 @@ def use_tracking_uri(uri: str) -> str:
         host = parts.hostname + (f":{parts.port}" if parts.port else "")
         return urllib.parse.urlunsplit(parts._replace(netloc=host))
     return uri
+
+
+def open_tracking_uri(saved: str, given: str | None = None, flag: str = "--tracking-uri") -> str:
+    """The URI to connect with: ``given`` (its http credentials moved to MLflow's env variables),
+    else the sweep's ``saved`` one, which is redacted: a secret it held must be given again."""
+    if given:
+        return use_tracking_uri(given)
+    if "***" in saved:
+        raise UserError(f"{flag}: the sweep's tracking URI {saved} held a password; pass the URI again "
+                        "(or set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
+    return saved
 
 
 def default_tracking_uri(output_dir) -> str:
@@ -280,9 +286,14 @@ class SweepTracker:
 
     def trial_callback(self, groups: list[tuple[str, str]], arm: str | None = None) -> "MLflowTrialCallback":
         """The callback that logs each trial under its (task, arm) run; ``arm`` files every trial
-        under that arm instead of its config's method (compare's ``finals-<budget>``)."""
-        return MLflowTrialCallback(self.tracking_uri, self._exp_id, self.sweep_id,
-                                   {g: self.arm_run(*g) for g in groups}, arm)
+        under that arm instead of its config's method (compare's ``finals-<budget>``). Tune pickles
+        it, so a URI that still holds a secret (a database URI) is not kept in it: the callback
+        then reads ``MLFLOW_TRACKING_URI``, which is set here for this process."""
+        uri = self.tracking_uri
+        if redact_uri(uri) != uri:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            uri = None
+        return MLflowTrialCallback(uri, self._exp_id, self.sweep_id, {g: self.arm_run(*g) for g in groups}, arm)
 
     def find_trial_run(self, task: str, arm: str, trial_id: str) -> str | None:
         found = self.client.search_runs([self._exp_id], ident_filter({**self._ident("trial", task, arm),
@@ -439,7 +450,8 @@ class MLflowTrialCallback(Callback):
     Picklable: Tune stores the callbacks in ``tuner.pkl``; ``Tuner.restore`` brings this object
     back, which finds its runs again by their tags."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, sweep_id: str, arm_runs: dict, arm: str | None = None):
+    def __init__(self, tracking_uri: str | None, experiment_id: str, sweep_id: str, arm_runs: dict,
+                 arm: str | None = None):
         self.tracking_uri, self.experiment_id, self.sweep_id = tracking_uri, experiment_id, sweep_id
         self.arm_runs, self.arm = dict(arm_runs), arm
 
