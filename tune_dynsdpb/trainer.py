@@ -39,6 +39,12 @@ SAMPLE_IDS = "dynsdpb_sample_ids"  # batch key for the ids; popped before the mo
 STATE_FILE = "dynsdpb_state_rank{rank}.pt"
 STAT_NAMES = ("ce_loss", "consistency_loss", "alpha_mean", "alpha_min", "alpha_max",
               "tau_mean", "tau_min", "tau_max", "u_mean", "c_mean")
+# Slots of the running statistics: STAT_NAMES, then steps that had a term, then all steps. The
+# _min/_max slots hold running extrema (reduced with MIN/MAX across ranks), every other slot a sum.
+_SLOT = {name: i for i, name in enumerate((*STAT_NAMES, "distil_steps", "steps"))}
+_MIN = [_SLOT["alpha_min"], _SLOT["tau_min"]]
+_MAX = [_SLOT["alpha_max"], _SLOT["tau_max"]]
+_SUMS = [i for i in _SLOT.values() if i not in _MIN + _MAX]
 
 
 def _param_field(name: str):
@@ -196,8 +202,7 @@ class DynSDPBTrainer(Trainer):
         if not isinstance(self.args, DynSDPBConfig):
             raise TypeError("DynSDPBTrainer needs args=DynSDPBConfig(...)")
         self.soft_targets = SoftTargetCache()
-        # Running sums of STAT_NAMES (min/max: running extrema), then steps with a term, then steps.
-        self._stats = torch.zeros(len(STAT_NAMES) + 2)
+        self._stats = torch.zeros(len(_SLOT))  # see _SLOT
         self._stats_reset()
         model = self.accelerator.unwrap_model(self.model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft adapter
@@ -298,8 +303,8 @@ class DynSDPBTrainer(Trainer):
     # -- logging -----------------------------------------------------------------------------
     def _stats_reset(self) -> None:
         self._stats.zero_()
-        self._stats[[3, 6]] = float("inf")    # alpha_min, tau_min
-        self._stats[[4, 7]] = float("-inf")   # alpha_max, tau_max
+        self._stats[_MIN] = float("inf")
+        self._stats[_MAX] = float("-inf")
         self._stats_device = None
 
     def _stats_add(self, ce: torch.Tensor, term, num_items_in_batch) -> None:
@@ -309,40 +314,36 @@ class DynSDPBTrainer(Trainer):
         s = self._stats_device
         # a CE normalised over the accumulated batch is a fraction of the micro-batch's own mean
         scale = self.current_gradient_accumulation_steps if self._loss_is_scaled(num_items_in_batch) else 1
-        s[0] += ce.detach().float() * scale
-        s[-1] += 1
+        k = _SLOT
+        s[k["ce_loss"]] += ce.detach().float() * scale
+        s[k["steps"]] += 1
         if term is not None:
-            s[1] += term.loss.detach()
-            s[2] += term.alpha.mean()
-            s[3] = torch.minimum(s[3], term.alpha.min())
-            s[4] = torch.maximum(s[4], term.alpha.max())
-            s[5] += term.tau.mean()
-            s[6] = torch.minimum(s[6], term.tau.min())
-            s[7] = torch.maximum(s[7], term.tau.max())
-            s[8] += term.u.mean()
-            s[9] += term.c.mean()
-            s[10] += 1  # steps that had a consistency term (all but the first)
+            s[k["consistency_loss"]] += term.loss.detach()
+            s[k["alpha_mean"]] += term.alpha.mean()
+            s[k["alpha_min"]] = torch.minimum(s[k["alpha_min"]], term.alpha.min())
+            s[k["alpha_max"]] = torch.maximum(s[k["alpha_max"]], term.alpha.max())
+            s[k["tau_mean"]] += term.tau.mean()
+            s[k["tau_min"]] = torch.minimum(s[k["tau_min"]], term.tau.min())
+            s[k["tau_max"]] = torch.maximum(s[k["tau_max"]], term.tau.max())
+            s[k["u_mean"]] += term.u.mean()
+            s[k["c_mean"]] += term.c.mean()
+            s[k["distil_steps"]] += 1  # steps that had a consistency term (all but the first)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats_device is not None:
             s = self._stats_device
             if self.args.world_size > 1 and torch.distributed.is_initialized():
                 s = s.clone()
-                sums = s[[0, 1, 2, 5, 8, 9, 10, 11]]
-                torch.distributed.all_reduce(sums)
-                s[[0, 1, 2, 5, 8, 9, 10, 11]] = sums
-                for i, op in ((3, "MIN"), (6, "MIN"), (4, "MAX"), (7, "MAX")):
-                    v = s[i:i + 1].clone()
+                for slots, op in ((_SUMS, "SUM"), (_MIN, "MIN"), (_MAX, "MAX")):
+                    v = s[slots].clone()
                     torch.distributed.all_reduce(v, op=getattr(torch.distributed.ReduceOp, op))
-                    s[i] = v[0]
-            s = s.tolist()
-            steps, distil_steps = s[-1], s[10]
-            logs["ce_loss"] = s[0] / max(steps, 1)
-            if distil_steps:
-                logs.update({"consistency_loss": s[1] / distil_steps, "alpha_mean": s[2] / distil_steps,
-                             "alpha_min": s[3], "alpha_max": s[4], "tau_mean": s[5] / distil_steps,
-                             "tau_min": s[6], "tau_max": s[7], "u_mean": s[8] / distil_steps,
-                             "c_mean": s[9] / distil_steps})
+                    s[slots] = v
+            v = dict(zip(_SLOT, s.tolist()))
+            logs["ce_loss"] = v["ce_loss"] / max(v["steps"], 1)
+            if v["distil_steps"]:
+                extrema = {n: v[n] for n in ("alpha_min", "alpha_max", "tau_min", "tau_max")}
+                means = {n: v[n] / v["distil_steps"] for n in STAT_NAMES[1:] if n not in extrema}
+                logs.update({**means, **extrema})
             self._stats_reset()
         super().log(logs, start_time)
         # After the stock log, so the history and the callbacks still see the non-finite value.

@@ -1,0 +1,121 @@
+"""Sweeps on real multi-process Ray clusters: a head started by `ray start` in another process
+(token authentication, as a user joins a cluster), and a 3-node `ray.cluster_utils.Cluster` that
+loses a node mid-sweep. Each runs its driver in a subprocess, apart from the session's Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import helpers
+from sweeps import check_tree, client_for, runs_by_role, spec_file
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture
+def token_head(tmp_path):
+    """`ray start --head` in its own process group, with token authentication on; torn down by
+    killing that group (never `ray stop`, which would stop every Ray on the machine)."""
+    port, token = helpers.free_port(), "a" * 32
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(tmp_path)}
+    proc = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--block",
+                             f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(Path(temp).glob("session_*/sockets/raylet*")):
+        if proc.poll() is not None:
+            pytest.fail("ray start failed: " + proc.stderr.read()[-2000:])
+        time.sleep(0.5)
+    time.sleep(2)
+    yield f"127.0.0.1:{port}", token
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_joining_a_token_cluster_started_in_another_process(token_head, tiny_bert, data_dir, tmp_path):
+    address, token = token_head
+    spec = spec_file(tmp_path, tiny_bert, name="join", methods=["dlb"], num_samples=1, grace_period=2)
+    home = tmp_path / "home"  # no ~/.ray/auth_token here
+    home.mkdir()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
+           "--ray-address", address, "--no-progress"]
+    # without the token: one line saying what to set, exit 2, no trial
+    no = subprocess.run([*cmd, "--output-dir", str(tmp_path / "no")], capture_output=True, text=True, timeout=300,
+                        env={**base, "HOME": str(home)})
+    assert no.returncode == 2, no.stderr[-2000:]
+    line = no.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"tune-dynsdpb: error: --ray-address: the Ray cluster at '{address}' ") and "RAY_AUTH_TOKEN" in line
+    # with the token in RAY_AUTH_TOKEN (and RAY_AUTH_MODE unset): the sweep runs on that cluster
+    yes = subprocess.run([*cmd, "--output-dir", str(tmp_path / "yes")], capture_output=True, text=True, timeout=600,
+                         env={**base, "HOME": str(home), "RAY_AUTH_TOKEN": token})
+    assert yes.returncode == 0, yes.stderr[-3000:]
+    state = json.loads((tmp_path / "yes" / "sweep.json").read_text())
+    assert state["arms"]["rte/dlb"]["counts"] == {"FINISHED": 1}
+
+
+NODE_LOSS = """
+import json, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import ray
+from ray.cluster_utils import Cluster
+import sweeps
+from tune_dynsdpb.sweep import run_sweep
+
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+out = Path({out!r})
+removed = []
+
+def remove_a_node():
+    # once trials have checkpoints to come back from, every one of the 3 one-CPU nodes runs a trial
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("ray/sweep/*/checkpoint_*")):
+        time.sleep(0.2)
+    cluster.remove_node(nodes[0], allow_graceful=False)
+    removed.append(nodes[0].node_id)
+
+threading.Thread(target=remove_a_node, daemon=True).start()
+state = run_sweep(sweeps.spec_file(Path({root!r}), {model!r}, name="nodes", methods=["dlb", "dynsdpb"],
+                                   num_samples=3, grace_period=6, params={{"common": {{"learning_rate": 1e-3,
+                                   "num_train_epochs": 3, "per_device_train_batch_size": 16}}}}),
+                  output_dir=out, data_dir={data!r}, progress=False)
+print(json.dumps({{"removed": removed, "alive": sum(n["Alive"] for n in ray.nodes())}}))
+"""
+
+
+def test_a_node_lost_mid_sweep_costs_retries_not_budget(tiny_bert, data_dir, tmp_path):
+    """3 nodes, one removed while trials run on it: its trials come back from their checkpoints on
+    the other nodes, and the sweep ends with exactly its budget and no duplicated runs."""
+    out = tmp_path / "out"
+    code = NODE_LOSS.format(tests=str(ROOT / "tests"), root=str(tmp_path), model=str(tiny_bert), out=str(out),
+                            data=str(data_dir))
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rc", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=840, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(info["removed"]) == 1 and info["alive"] == 2
+    client = client_for(f"sqlite:///{out}/mlflow.db")
+    runs = check_tree(client, "nodes", ["rte"], ["dlb", "dynsdpb"], 3)
+    assert all(r.info.status == "FINISHED" for r in runs["trial"])
+    assert any(int(r.data.tags.get("tune_dynsdpb.retries", 0)) >= 1 for r in runs["trial"])
