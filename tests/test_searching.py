@@ -237,3 +237,15 @@ def test_grouped_asha_ignores_reports_it_cannot_place():
     sched.on_trial_complete(FakeController(), failed, res)
     sched.on_trial_remove(FakeController(), t)
     assert "rte/dlb" in sched.debug_string()
+
+
+def test_a_report_without_objective_is_not_passed_to_optuna():
+    """A diverged trial's last report carries the failure and no objective; OptunaSearch would
+    raise KeyError on it (in Tune's loop, ending the whole sweep)."""
+    searcher = create_searcher(make_spec(num_samples=1), GROUPS[:1])
+    searcher.suggest("t0")
+    failure = {"training_iteration": 2, R.FAILURE: "training diverged: non-finite ce_loss at step 8", R.FINAL: True}
+    searcher.on_trial_result("t0", failure)
+    searcher.on_trial_complete("t0", failure)
+    (t,) = study(searcher, GROUPS[0]).trials
+    assert t.state == TrialState.FAIL and t.value is None
