@@ -1,240 +1,345 @@
-"""MLflow tracking from the Tune driver: real Ray, a real SQLite store and a real `mlflow server`."""
+"""MLflow tracking from the Tune driver: the pure URI functions, the writer against a real server
+that drops out, and the run tree of a real sweep (real trainable, real Ray, real divergence)."""
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 import pickle
-import shutil
-import sys
-import tempfile
+import re
+import socket
+import threading
 import time
 
 import pytest
+import yaml
+from mlflow import MlflowClient
 
 import helpers
+from tune_dynsdpb import results as R
+from tune_dynsdpb.errors import UserError
+from tune_dynsdpb.tracking import (KIND_TRAINING, TAG_KIND, SweepTracker, check_tracking_uri,
+                                   default_artifact_location, default_tracking_uri, redact_uri, use_tracking_uri)
 
-os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-
-ray = pytest.importorskip("ray")
-from mlflow import MlflowClient  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-
-from tune_dynsdpb.errors import UserError  # noqa: E402
-from tune_dynsdpb.tracking import (  # noqa: E402
-    SweepTracker,
-    check_tracking_uri,
-    default_artifact_location,
-    default_tracking_uri,
-)
-
-pytestmark = pytest.mark.slow
-ITERS = 4
+ROLE, PARENT, TASK, ARM = "tune_dynsdpb.role", "mlflow.parentRunId", "tune_dynsdpb.task", "tune_dynsdpb.arm"
 
 
-def toy(config):
-    """Reports ITERS results; x == -1 raises at step 2, x == -2 reports a dynsdpb_failure,
-    a `gate` file that does not exist makes step 2 raise (for the restore test)."""
-    x = config["x"]
-    for i in range(ITERS):
-        if i == 2 and (x == -1 or ("gate" in config and not os.path.exists(config["gate"]))):
-            raise ValueError(f"boom at x={x}")
-        if i == 1 and x == -2:
-            tune.report({"eval_accuracy": float("nan"), "step": i, "dynsdpb_failure": "non-finite loss"})
-            return
-        tune.report({"eval_accuracy": x * (i + 1) / ITERS, "step": i, "alpha_mean": 0.5 + i,
-                     "loss": float("inf") if i == 0 else 1.0 / (i + 1), "final": i == ITERS - 1})
+# -- URIs and credentials --------------------------------------------------------------------------
+@pytest.mark.parametrize("uri,shown", [
+    ("https://user:pw@host", "https://user:***@host"),
+    ("https://user:p%40ss@mlflow.example.com:8443/path?x=1", "https://user:***@mlflow.example.com:8443/path?x=1"),
+    ("postgresql://mlflow:s3cret@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+    ("postgresql+psycopg2://mlflow:s3cret@db/mlflow", "postgresql+psycopg2://mlflow:***@db/mlflow"),
+    ("https://user:pw@[::1]:5000", "https://user:***@[::1]:5000"),
+    ("https://my_token_abc@host", "https://***@host"),  # the user name is the token: all of it hidden
+    ("https://host:5000", "https://host:5000"),
+    ("http://alice@host", "http://alice@host"),  # a plain user name is no secret
+    ("sqlite:////tmp/x/mlflow.db", "sqlite:////tmp/x/mlflow.db"),
+])
+def test_redact_uri(uri, shown):
+    assert redact_uri(uri) == shown
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: unix socket paths max ~107 chars
-    # Workers cannot import this test module: ship `toy` and its globals by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", tmp)
-        mp.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files: faster
-        ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
-        yield
-        ray.shutdown()
-    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    shutil.rmtree(tmp, ignore_errors=True)
+def test_use_tracking_uri_moves_http_credentials_to_mlflows_env(monkeypatch):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)  # monkeypatch puts the environment back afterwards
+    assert use_tracking_uri("https://alice:p%40ss@host:5000/mlflow") == "https://host:5000/mlflow"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    db = "postgresql://mlflow:s3cret@db:5432/mlflow"
+    assert use_tracking_uri(db) == db  # database drivers read them in the URI: kept, only shown redacted
+    assert use_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert "MLFLOW_TRACKING_USERNAME" not in os.environ and "MLFLOW_TRACKING_PASSWORD" not in os.environ
 
 
-def run_arm(tracker, method, storage, space, scheduler=None, max_failures=0, concurrent=1):
-    tracker.start_arm(method)
-    tuner = Tuner(
-        toy,
-        param_space=space,
-        tune_config=TuneConfig(metric="eval_accuracy", mode="max", scheduler=scheduler, reuse_actors=True,
-                               max_concurrent_trials=concurrent),  # 1: ASHA decisions are deterministic
-        run_config=RunConfig(name=method, storage_path=str(storage),
-                             callbacks=[tracker.trial_callback(method)], verbose=0,
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    grid = tuner.fit()
-    tracker.finish_arm(method)
-    return grid
+def test_check_tracking_uri_unwritable_sqlite_folder(tmp_path):
+    check_tracking_uri(default_tracking_uri(tmp_path))
+    check_tracking_uri("sqlite:///:memory:")
+    for folder in ("/proc/sys", str(tmp_path / "missing" / "dir")):  # /proc/sys: not writable, even for root
+        with pytest.raises(UserError) as e:
+            check_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+        assert str(e.value) == (f"MLflow tracking URI sqlite:///{folder}/mlflow.db: folder {folder} does not "
+                                "exist or is not writable")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError) as e:
+        check_tracking_uri(f"sqlite:///{tmp_path}/a_file/mlflow.db")
+    assert str(e.value) == (f"MLflow tracking URI sqlite:///{tmp_path}/a_file/mlflow.db: folder {tmp_path}/a_file "
+                            "does not exist or is not writable")
 
 
-def by_x(runs):
-    return {float(r.data.params["x"]): r for r in runs}
+def test_check_tracking_uri_unreachable_server_never_echoes_the_password(monkeypatch):
+    port = helpers.free_port()  # bound then released: nothing listens there
+    uri, shown = f"http://bob:s3cret@127.0.0.1:{port}", f"http://bob:***@127.0.0.1:{port}"
+    t0 = time.time()
+    with pytest.raises(UserError) as e:  # MLflow's own retries outlast the timeout
+        check_tracking_uri(uri, timeout=2)
+    assert time.time() - t0 < 5
+    assert str(e.value) == f"MLflow tracking URI {shown} did not answer within 2 s"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # now the connection error itself comes back
+    with pytest.raises(UserError) as e:
+        check_tracking_uri(uri, timeout=30)
+    msg = str(e.value)
+    assert msg.startswith(f"MLflow tracking URI {shown} is not usable: ") and len(msg) > len(shown) + 40, msg
+    assert "s3cret" not in msg and "\n" not in msg, msg
 
 
-def test_sqlite_sweep_structure_statuses_metrics(ray_session, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    uri = default_tracking_uri(out)
-    assert uri == f"sqlite:///{out.resolve()}/mlflow.db" and uri.startswith("sqlite:////")
-    check_tracking_uri(uri)
-    tr = SweepTracker(uri, "exp", "sw1", artifact_location=default_artifact_location(out))
-    parent = tr.start_sweep({"task": "sst2", "budget": {"trials": 3, "epochs": 1}}, tags={"who": "test"})
+# -- the writer: a real server that drops out for a while ------------------------------------------
+class Plug:
+    """A TCP forwarder in front of a server; ``pull()`` cuts every connection and refuses new ones
+    until ``push()``: the server is unreachable meanwhile, as on a network blip."""
 
-    asha = ASHAScheduler(max_t=ITERS, grace_period=1, reduction_factor=2)
-    # Descending x, one at a time: the 2nd and 3rd trial fall below the 1st at rung 1.
-    grid = run_arm(tr, "vanilla", tmp_path / "ray", {"x": tune.grid_search([0.9, 0.5, 0.1])}, asha)
-    run_arm(tr, "dynsdpb", tmp_path / "ray", {"x": tune.grid_search([0.7, -1, -2])}, max_failures=1,
-            concurrent=2)
-    best = grid.get_best_result()
-    best_run = tr.find_trial_run("vanilla", best.metrics["trial_id"])
-    tr.record_best("vanilla", best_run, best.config, "eval_accuracy", best.metrics["eval_accuracy"])
-    tr.finish_sweep()
+    def __init__(self, target_port: int):
+        self.target, self.up, self.conns = target_port, True, []
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    c = MlflowClient(uri)
-    exp = c.get_experiment(tr.experiment_id)
-    assert exp.name == "exp" and exp.artifact_location == default_artifact_location(out)
-    p = c.get_run(parent)
-    assert p.info.status == "FINISHED"
-    assert p.data.tags["tune_dynsdpb.role"] == "sweep" and p.data.tags["who"] == "test"
-    assert p.data.params["budget.trials"] == "3" and p.data.params["task"] == "sst2"
-    arms = {m: c.get_run(tr.start_arm(m)) for m in ("vanilla", "dynsdpb")}
-    for m, a in arms.items():
-        assert a.data.tags["mlflow.parentRunId"] == parent and a.data.tags["tune_dynsdpb.arm"] == m
-        assert a.data.tags["tune_dynsdpb.role"] == "arm"
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    van, dyn = by_x(tr.trial_runs("vanilla")), by_x(tr.trial_runs("dynsdpb"))
-    assert len(tr.trial_runs()) == 6 and set(van) == {0.9, 0.5, 0.1} and set(dyn) == {0.7, -1, -2}
-    for m, runs in (("vanilla", van), ("dynsdpb", dyn)):
-        for r in runs.values():
-            assert r.data.tags["mlflow.parentRunId"] == arms[m].info.run_id
-            assert r.data.tags["tune_dynsdpb.role"] == "trial" and r.data.tags["ray.trial_id"]
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
-    assert van[0.9].info.status == "FINISHED"
-    for x in (0.5, 0.1):
-        assert van[x].info.status == "KILLED", x
-        assert van[x].data.tags["tune_dynsdpb.stopped_by"] == "scheduler"
-    assert "tune_dynsdpb.stopped_by" not in van[0.9].data.tags
-    assert dyn[0.7].info.status == "FINISHED"
-    assert dyn[-1].info.status == "FAILED"
-    assert dyn[-1].data.tags["tune_dynsdpb.error"] == "ValueError: boom at x=-1"
-    assert dyn[-1].data.tags["tune_dynsdpb.retries"] == "1"  # max_failures=1: one retry first
-    assert dyn[-2].info.status == "FAILED" and dyn[-2].data.tags["tune_dynsdpb.failure"] == "non-finite loss"
+    def pull(self):
+        self.up = False
+        with self.lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.conns = []
 
-    hist = c.get_metric_history(van[0.9].info.run_id, "eval_accuracy")
-    assert sorted((m.step, m.value) for m in hist) == [(i, 0.9 * (i + 1) / ITERS) for i in range(ITERS)]
-    assert [m.step for m in c.get_metric_history(van[0.5].info.run_id, "eval_accuracy")] == [0]
-    loss = sorted((m.step, m.value) for m in c.get_metric_history(dyn[0.7].info.run_id, "loss"))
-    assert loss[0][1] >= 1.7e308 and loss[1] == (1, 0.5)  # MLflow's SQL store clamps inf to max float
-    nan = [m.value for m in c.get_metric_history(dyn[-2].info.run_id, "eval_accuracy") if m.step == 1]
-    assert len(nan) == 1 and math.isnan(nan[0])
-    metrics = van[0.9].data.metrics
-    assert metrics["final"] == 1.0 and metrics["alpha_mean"] == 3.5 and "training_iteration" in metrics
-    assert not {"pid", "timestamp", "done"} & set(metrics)
+    def push(self):
+        self.up = True
 
-    p = c.get_run(parent)
-    assert p.data.metrics["best_vanilla_eval_accuracy"] == pytest.approx(0.9)
-    assert p.data.tags["best.vanilla.run_id"] == van[0.9].info.run_id
-    assert '"x": 0.9' in p.data.tags["best.vanilla.config"]
-    a = c.get_run(arms["vanilla"].info.run_id)
-    assert a.data.metrics["best_eval_accuracy"] == pytest.approx(0.9)
-    assert a.data.tags["best.run_id"] == van[0.9].info.run_id
+    def close(self):
+        self.pull()
+        self.listener.close()
 
 
 class FakeTrial:
     def __init__(self, trial_id, config, last_result=None):
         self.trial_id, self.config, self.last_result = trial_id, config, last_result or {}
 
-    def __str__(self):
-        return f"toy_{self.trial_id}"
+
+def test_writer_survives_a_briefly_unreachable_server(mlflow_server, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # let the writer's own retries do the work
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    plug = Plug(int(mlflow_server.rsplit(":", 1)[1]))
+    uri = f"http://127.0.0.1:{plug.port}"
+    try:
+        tracker = SweepTracker(uri, "writer-blip", "blip1")
+        tracker.start_sweep({"x": 1})
+        cb = tracker.trial_callback([("rte", "dlb")])
+        trial = FakeTrial("blip_00000", {R.TASK: "rte", R.METHOD: "dlb", "learning_rate": 1e-3})
+        cb.on_trial_start(0, [trial], trial)
+        cb.on_trial_result(0, [trial], trial, {R.STEP: 1, "eval_accuracy": 0.1, "training_iteration": 1})
+        assert cb.flush(timeout=60)
+
+        plug.pull()
+        caplog.set_level(logging.WARNING, logger="tune_dynsdpb.tracking")
+        for step in range(2, 8):  # queued while nothing gets through; Tune's loop is never held
+            t0 = time.time()
+            cb.on_trial_result(0, [trial], trial, {R.STEP: step, "eval_accuracy": step / 10,
+                                                   "training_iteration": step})
+            assert time.time() - t0 < 0.5
+        trial.last_result = {R.FINAL: True, R.STEP: 7}
+        cb.on_trial_complete(0, [trial], trial)
+        time.sleep(2.0)
+        assert not cb.flush(timeout=0.1)  # still waiting for the server
+        plug.push()
+        assert cb.flush(timeout=120)
+    finally:
+        plug.close()
+    assert any("MLflow write failed" in r.getMessage() for r in caplog.records), "the outage was never seen"
+    c = MlflowClient(mlflow_server)  # straight to the server: the plug is gone
+    (run,) = c.search_runs([tracker.experiment_id], "tags.`tune_dynsdpb.role` = 'trial'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "rte · dlb · trial 1"
+    hist = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "eval_accuracy"))
+    assert hist == [(s, s / 10) for s in range(1, 8)]  # every queued metric, once
 
 
 def test_resume_reuses_runs(tmp_path):
     uri = default_tracking_uri(tmp_path)
     t1 = SweepTracker(uri, "exp", "sw2", default_artifact_location(tmp_path))
-    parent, arm = t1.start_sweep({"a": 1}), t1.start_arm("dlb")
-    cb = t1.trial_callback("dlb")
-    trial = FakeTrial("abc_00000", {"x": 1, "nested": {"lr": 0.1}, "obj": object()})
+    parent = t1.start_sweep({"a": 1})
+    arm = t1.start_arm("rte", "dlb")
+    cb = t1.trial_callback([("rte", "dlb")])
+    trial = FakeTrial("abc_00000", {R.TASK: "rte", R.METHOD: "dlb", "x": 1, "nested": {"lr": 0.1}, "obj": object()})
     cb.on_trial_start(0, [trial], trial)
-    cb.on_trial_result(0, [trial], trial, {"eval_accuracy": 0.5, "training_iteration": 1, "config": {}})
+    cb.on_trial_result(0, [trial], trial, {"eval_accuracy": 0.5, R.STEP: 3, "training_iteration": 1, "config": {}})
     cb.on_trial_recover(0, [trial], trial)
-    t1.finish_arm("dlb", "FAILED")
+    assert cb.flush(60)
     t1.finish_sweep("FAILED")
 
     # The driver restarts: a new tracker, and the callback as Tuner.restore unpickles it.
     t2 = SweepTracker(uri, "exp", "sw2", default_artifact_location(tmp_path))
-    assert t2.start_sweep({"a": 1, "b": 2}) == parent and t2.start_arm("dlb") == arm
+    assert t2.start_sweep({"a": 1, "b": 2}) == parent and t2.start_arm("rte", "dlb") == arm
     cb2 = pickle.loads(pickle.dumps(cb))
     cb2.on_trial_start(0, [trial], trial)
-    cb2.on_trial_recover(0, [trial], trial)
-    trial.last_result = {"final": True}
+    cb2.on_trial_result(0, [trial], trial, {"eval_accuracy": 0.7, R.STEP: 3, "training_iteration": 1})  # re-reported
+    cb2.on_trial_result(0, [trial], trial, {"eval_accuracy": 0.8, R.STEP: 6, "training_iteration": 2})
+    trial.last_result = {R.FINAL: True}
     cb2.on_trial_complete(0, [trial], trial)
+    assert cb2.flush(60)
 
-    runs = t2.trial_runs("dlb")
-    assert len(runs) == 1 and len(t2.trial_runs()) == 1
-    r = runs[0]
-    assert r.info.status == "FINISHED" and r.info.run_name == "toy_abc_00000"
+    (r,) = t2.trial_runs("rte", "dlb")
+    assert len(t2.trial_runs()) == 1
+    assert r.info.status == "FINISHED" and r.info.run_name == "rte · dlb · trial 1"
     assert r.data.params["nested.lr"] == "0.1" and "obj" not in r.data.params
-    assert r.data.tags["tune_dynsdpb.retries"] == "2"
+    hist = sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(r.info.run_id, "eval_accuracy"))
+    assert hist == [(3, 0.5), (6, 0.8)]  # a step already logged is not logged twice
     c = MlflowClient(uri)
     assert c.get_run(parent).info.status == "RUNNING" and c.get_run(parent).data.params["b"] == "2"
-    assert len(c.search_runs([t2.experiment_id])) == 3
+    assert len(c.search_runs([t2.experiment_id])) == 4  # sweep, task, arm, trial
 
 
-def test_tuner_restore_reuses_trial_run(ray_session, tmp_path):
-    uri, gate = default_tracking_uri(tmp_path), tmp_path / "gate"
-    tr = SweepTracker(uri, "exp", "sw3", default_artifact_location(tmp_path))
-    tr.start_sweep({})
-    run_arm(tr, "dlb", tmp_path / "ray", {"x": 0.3, "gate": str(gate)})
-    (first,) = tr.trial_runs("dlb")
-    assert first.info.status == "FAILED" and "boom" in first.data.tags["tune_dynsdpb.error"]
-
-    gate.touch()  # the "bug" is fixed; restart the driver and resume the errored trial
-    tr2 = SweepTracker(uri, "exp", "sw3")
-    tr2.start_sweep({})
-    tr2.start_arm("dlb")
-    # resume_errored keeps the trial id (restart_errored would make a new trial, hence a new run).
-    Tuner.restore(str(tmp_path / "ray" / "dlb"), toy, resume_errored=True).fit()
-    (again,) = tr2.trial_runs("dlb")
-    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
-    steps = {m.step for m in MlflowClient(uri).get_metric_history(again.info.run_id, "eval_accuracy")}
-    assert steps == set(range(ITERS))
+# -- a real sweep ----------------------------------------------------------------------------------
+DIVERGED = re.compile(r"training diverged: non-finite \S+ at step \d+")
 
 
-def test_sweep_through_mlflow_server(ray_session, mlflow_server, tmp_path):
-    check_tracking_uri(mlflow_server)
-    tr = SweepTracker(mlflow_server, "srv-exp", "sw4")
-    parent = tr.start_sweep({"task": "rte"})
-    run_arm(tr, "vanilla", tmp_path / "ray", {"x": tune.grid_search([0.2, 0.4])}, concurrent=2)
-    tr.finish_sweep()
-    runs = tr.trial_runs("vanilla")
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    c = MlflowClient(mlflow_server)
-    assert c.get_run(parent).info.status == "FINISHED"
-    hist = c.get_metric_history(runs[0].info.run_id, "loss")
-    assert len(hist) == ITERS and min(hist, key=lambda m: m.step).value >= 1.7e308
+def sweep_file(tmp_path, model, name, tasks, methods, points) -> str:
+    """Two trials per (task, arm), one trial at a time, so ASHA's decisions are fixed. rte is scored
+    by its eval loss, so two learning rates never tie at the first rung."""
+    spec = {
+        "name": name, "model": str(model), "max_length": 32, "methods": methods, "seed": 0,
+        "tasks": [{"task": "rte", "metric": "loss"}, {"task": "sst2"}][:tasks],
+        "budget": {"num_samples": 2, "evals_per_epoch": 2, "grace_period": 1, "reduction_factor": 2,
+                   "max_concurrent": 1},
+        "resources": {"cpus_per_trial": 1},
+        "params": {"common": {"learning_rate": {"choices": [1e-3, 1e-6, 0.1, 1e6]}, "num_train_epochs": 2,
+                              "per_device_train_batch_size": 16}},
+        "points_to_evaluate": {m: [{"learning_rate": lr} for lr in lrs] for m, lrs in points.items()},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
 
 
-def test_check_tracking_uri_errors(tmp_path):
-    port = helpers.free_port()  # bound then released: nothing listens there
-    t0 = time.time()
-    with pytest.raises(UserError, match=f"http://127.0.0.1:{port}") as e:
-        check_tracking_uri(f"http://127.0.0.1:{port}", timeout=2)
-    assert time.time() - t0 < 5 and "\n" not in str(e.value)
-    bad = f"sqlite:///{tmp_path}/missing/dir/mlflow.db"
-    with pytest.raises(UserError, match="missing/dir"):
-        check_tracking_uri(bad)
-    with pytest.raises(UserError, match="file:"):
-        check_tracking_uri(f"file:{tmp_path}/mlruns")
-    check_tracking_uri(f"sqlite:///{tmp_path}/ok.db")
+def sweep(tmp_path_factory, tiny_bert, data_dir, name, **kw):
+    from tune_dynsdpb.sweep import EXPERIMENT, run_sweep
+
+    tmp = tmp_path_factory.mktemp(name)
+    out = tmp / "sweep"
+    state = run_sweep(sweep_file(tmp, tiny_bert, name, **kw), output_dir=out, data_dir=str(data_dir),
+                      progress=False)
+    return state, f"sqlite:///{out}/mlflow.db", out / "ray" / EXPERIMENT
+
+
+@pytest.fixture(scope="module")
+def real_sweep(ray_session, tiny_bert, data_dir, tmp_path_factory):
+    """Two tasks x two arms x two trials; rte's second vanilla trial (lr 0.1) is clearly the weaker one."""
+    return sweep(tmp_path_factory, tiny_bert, data_dir, "trk", tasks=2, methods=["vanilla", "dlb"],
+                 points={"vanilla": [1e-6, 0.1], "dlb": [1e-3, 1e-3]})
+
+
+def trial_runs(uri, name):
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(name)
+    return c.search_runs([exp.experiment_id], "tags.`tune_dynsdpb.role` = 'trial'", max_results=1000)
+
+
+def test_real_sweep_run_tree(real_sweep):
+    state, uri, _ = real_sweep
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("trk")
+    assert exp.tags[TAG_KIND] == KIND_TRAINING
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags[ROLE], []).append(r)
+    assert sorted(by_role) == ["arm", "sweep", "task", "trial"]
+    (top,) = by_role["sweep"]
+    assert top.info.run_name == "trk" and top.info.status == "FINISHED"
+    tasks = {r.data.tags[TASK]: r for r in by_role["task"]}
+    assert sorted(tasks) == ["rte", "sst2"]
+    assert all(r.data.tags[PARENT] == top.info.run_id and r.info.run_name == name for name, r in tasks.items())
+    arms = {(r.data.tags[TASK], r.data.tags[ARM]): r for r in by_role["arm"]}
+    assert sorted(arms) == [("rte", "dlb"), ("rte", "vanilla"), ("sst2", "dlb"), ("sst2", "vanilla")]
+    for (task, arm), r in arms.items():
+        assert r.data.tags[PARENT] == tasks[task].info.run_id and r.info.run_name == f"{task} · {arm}"
+    trials = by_role["trial"]
+    ids = [r.data.tags["ray.trial_id"] for r in trials]
+    assert len(trials) == 8 and len(set(ids)) == 8  # none duplicated
+    for group, arm_run in arms.items():
+        mine = [r for r in trials if (r.data.tags[TASK], r.data.tags[ARM]) == group]
+        assert all(r.data.tags[PARENT] == arm_run.info.run_id for r in mine)
+        assert sorted(r.info.run_name for r in mine) == [f"{group[0]} · {group[1]} · trial {i}" for i in (1, 2)]
+        assert all(r.data.params["method"] == group[1] and r.data.params["task"] == group[0] for r in mine)
+
+
+def check_statuses_follow_classify(state, uri, name, experiment) -> dict:
+    from ray.tune import ExperimentAnalysis
+
+    tune_trials = {t.trial_id: t for t in ExperimentAnalysis(str(experiment)).trials}
+    trials = trial_runs(uri, name)
+    assert set(tune_trials) == {r.data.tags["ray.trial_id"] for r in trials}
+    status_of = {R.Outcome.FINISHED: "FINISHED", R.Outcome.STOPPED: "KILLED", R.Outcome.FAILED: "FAILED"}
+    seen = {}
+    for r in trials:
+        t = tune_trials[r.data.tags["ray.trial_id"]]
+        outcome = R.classify(t.last_result, t.status == "ERROR")
+        assert r.info.status == status_of[outcome], (r.info.run_name, r.info.status, outcome)
+        seen.setdefault(outcome, []).append(r)
+        tags = r.data.tags
+        assert ("tune_dynsdpb.stopped_by" in tags) == (outcome is R.Outcome.STOPPED)
+        assert ("tune_dynsdpb.failure" in tags) == (outcome is R.Outcome.FAILED)
+        if outcome is R.Outcome.FINISHED:
+            assert r.data.metrics["final"] == 1.0 and "objective" in r.data.metrics
+    for key, arm in state.arms.items():  # the sweep state's counts come from the same rule
+        mine = [r for r in trials if f"{r.data.tags[TASK]}/{r.data.tags[ARM]}" == key]
+        assert arm.counts == {o: sum(r.info.status == status_of[R.Outcome(o)] for r in mine) for o in arm.counts}
+        assert sum(arm.counts.values()) == len(mine) == 2
+    return seen
+
+
+def test_real_sweep_statuses_follow_classify(real_sweep):
+    seen = check_statuses_follow_classify(*real_sweep[:2], "trk", real_sweep[2])
+    # rte's second vanilla trial (lr 0.1) loses to the first (lr 1e-6) at the first rung: ASHA stops it
+    (killed,) = seen[R.Outcome.STOPPED]
+    assert killed.info.run_name == "rte · vanilla · trial 2" and killed.data.params["learning_rate"] == "0.1"
+    assert killed.data.tags["tune_dynsdpb.stopped_by"] == "scheduler"
+    assert len(seen[R.Outcome.FINISHED]) == 7 and R.Outcome.FAILED not in seen
+    state = real_sweep[0]
+    assert all(arm.best is not None for arm in state.arms.values())
+    assert state.arms["rte/vanilla"].best.config["learning_rate"] == 1e-6
+
+
+def test_real_sweep_diverging_trial_is_failed_and_never_best(ray_session, tiny_bert, data_dir, tmp_path_factory):
+    """dlb's first trial has a learning rate of 1e6: it really diverges (non-finite loss)."""
+    state, uri, experiment = sweep(tmp_path_factory, tiny_bert, data_dir, "div", tasks=1, methods=["dlb"],
+                                   points={"dlb": [1e6, 1e-3]})
+    seen = check_statuses_follow_classify(state, uri, "div", experiment)
+    (failed,) = seen[R.Outcome.FAILED]
+    assert failed.info.run_name == "rte · dlb · trial 1" and failed.data.params["learning_rate"] == "1000000.0"
+    assert DIVERGED.fullmatch(failed.data.tags["tune_dynsdpb.failure"]), failed.data.tags["tune_dynsdpb.failure"]
+    assert "tune_dynsdpb.error" not in failed.data.tags  # a reported failure, not a crash
+    arm = state.arms["rte/dlb"]
+    assert arm.counts.get("FAILED") == 1 and len(arm.failures) == 1 and DIVERGED.fullmatch(arm.failures[0])
+    assert arm.best is not None and arm.best.config["learning_rate"] == 1e-3  # the other trial
+    assert arm.best.run_id != failed.info.run_id

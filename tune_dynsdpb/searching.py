@@ -124,8 +124,8 @@ class RoundRobinSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         group = self.trial_group.get(trial_id)
-        if group is not None and R.OBJECTIVE in result:  # (a failure report has none)
-            self.searchers[group].on_trial_result(trial_id, result)
+        if group is not None and R.OBJECTIVE in result:  # a failure's last report has none: OptunaSearch
+            self.searchers[group].on_trial_result(trial_id, result)  # would raise KeyError on it
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         group = self.trial_group.get(trial_id)

@@ -301,18 +301,15 @@ def collect_outcomes(grid, state: SweepState) -> list[dict]:
             arm.failures.append(reason)
         records.append({"trial_id": last.get("trial_id") or getattr(result, "path", ""), "task": task,
                         "method": method, "outcome": outcome.value})
-        df = result.metrics_dataframe
-        if outcome is R.Outcome.FAILED or df is None or R.OBJECTIVE not in df:
+        # every report with a score carries a checkpoint; Tune keeps each trial's best ones
+        scored = [(m[R.OBJECTIVE], ckpt) for ckpt, m in result.best_checkpoints or [] if R.finite(m.get(R.OBJECTIVE))]
+        if outcome is R.Outcome.FAILED or not scored:
             continue
-        scores = df[R.OBJECTIVE].replace([float("inf"), float("-inf")], float("nan")).dropna()
-        if scores.empty:
-            continue
-        best_obj = float(scores.max())
+        best_obj, ckpt = max(scored, key=lambda x: x[0])
         if arm.best is None or best_obj > R.objective(arm.best.score, state.tasks[task].mode):
-            ckpt = result.get_best_checkpoint(R.OBJECTIVE, R.MODE) if result.best_checkpoints else None
             score = best_obj if state.tasks[task].mode == "max" else -best_obj
-            arm.best = BestTrial(trial_id=str(last.get("trial_id")), score=score, config=dict(config),
-                                 checkpoint=ckpt.path if ckpt else None)
+            arm.best = BestTrial(trial_id=str(last.get("trial_id")), score=float(score), config=dict(config),
+                                 checkpoint=ckpt.path)
     return records
 
 

@@ -77,11 +77,11 @@ def redact_uri(uri: str) -> str:
     parts = urllib.parse.urlsplit(uri)
     if parts.password is None and not (parts.username and "token" in parts.username.lower()):
         return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: keeps an IPv6 host's brackets
     user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if user else f"***@{host}"))
+    # a user name without a password is the token itself (``https://<token>@host``): hide it all
+    netloc = f"{user}:***@{host}" if user and parts.password is not None else f"***@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def use_tracking_uri(uri: str) -> str:
@@ -92,8 +92,7 @@ def use_tracking_uri(uri: str) -> str:
     if parts.scheme in ("http", "https") and parts.password is not None:
         os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=host))
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return uri
 
 
