@@ -97,6 +97,18 @@ def test_a_changed_bound_is_followed_by_the_cli(alpha0_at_least_half, data_dir, 
     assert code == 2 and err.startswith("tune-dynsdpb: error: --model: no such model folder")
 
 
+def test_a_changed_bound_is_followed_by_the_sweep_schema(alpha0_at_least_half, tmp_path):
+    import sweeps
+    from tune_dynsdpb.search_space import parse_search_space
+
+    spec = sweeps.spec_dict(tmp_path, methods=["dlb"])
+    spec["params"]["dlb"]["alpha0"] = {"low": 0.2, "high": 2.0}
+    with pytest.raises(UserError, match=r"^f.yaml: params.dlb.alpha0: alpha0 must be >= 0.5 \(got 0.2\)$"):
+        parse_search_space(spec, "f.yaml")
+    spec["params"]["dlb"]["alpha0"] = {"low": 0.5, "high": 2.0}
+    assert parse_search_space(spec, "f.yaml").params.dlb.alpha0.low == 0.5
+
+
 def test_a_loosened_bound_is_followed_too(monkeypatch, data_dir, tmp_path, capsys):
     """Negative alpha0 is normally rejected; with the bound moved in params.py both accept it."""
     code, err = run_train(capsys, tmp_path, data_dir, "--alpha0=-0.5")

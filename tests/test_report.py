@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from tune_dynsdpb import compare, plots, report  # noqa: E402
+from tune_dynsdpb import plots, report  # noqa: E402
 from tune_dynsdpb.baselines import learned_line, trivial_baseline  # noqa: E402
 from tune_dynsdpb.data import _metric_table  # noqa: E402
 
@@ -119,11 +119,6 @@ def test_report_html_autoescapes(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<code>&lt;b&gt;</code>" in page and "<code><b></code>" not in page
     assert "Task `<b>`" in (tmp_path / "report.md").read_text()
-
-
-def test_compare_reexports_the_report():
-    assert compare.write_report is report.write_report and compare.summarize is report.summarize
-    assert ("dynsdpb", "dlb_warmup") in compare.COMPARISONS
 
 
 def test_summarize_and_paired_intervals_from_scipy():

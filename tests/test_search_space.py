@@ -107,12 +107,22 @@ def test_suggestions_build_a_dynsdpb_config(tmp_path):
     assert config_name("warmup_ratio") == "warmup_steps" and config_name("tau0") == "tau0"
 
 
-def test_quickstart_is_small():
-    spec = load_search_space(SHIPPED[0].parent / "quickstart.yaml")
-    assert spec.task == "rte" and spec.max_train_samples == 128 and spec.max_eval_samples == 64
+def test_quickstart_is_small_and_has_every_arm():
+    """The README's main job: SST-2 (which MiniLM learns within a few dozen steps), 4 arms x 2
+    trials of one epoch on 800 sentences, two one-CPU trials at once."""
+    spec = load_search_space(ROOT / "search_spaces" / "quickstart.yaml")
+    assert spec.task == "sst2" and spec.max_train_samples == 800 and spec.max_eval_samples == 400
+    assert spec.methods == ["vanilla", "dlb", "dlb_warmup", "dynsdpb"]
     assert spec.budget.num_samples == 2 and spec.params.common.num_train_epochs == 1
     assert spec.params.common.per_device_train_batch_size == 16 and spec.resources.cpus_per_trial == 1
-    assert [t.task for t in spec.task_specs()] == ["rte"]
+    assert [t.task for t in spec.task_specs()] == ["sst2"]
+
+
+def test_the_multi_task_files_list_six_and_three_tasks():
+    glue = load_search_space(ROOT / "search_spaces" / "glue-superglue.yaml")
+    assert [t.task for t in glue.task_specs()] == ["rte", "mrpc", "cola", "cb", "stsb", "sst2"]
+    real = load_search_space(ROOT / "benchmarks" / "real" / "protocol.yaml")
+    assert [t.task for t in real.task_specs()] == ["sst2", "cb", "stsb"] and real.budget.num_samples >= 8
 
 
 def test_searcher_scheduler_and_warm_starts(tmp_path):
