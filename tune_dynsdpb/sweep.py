@@ -352,10 +352,18 @@ def _disk_use(folder: Path) -> int:
 
 
 # -- the console ----------------------------------------------------------------------------------
-def print_header(state: SweepState, out: Path) -> None:
+def console():
+    """rich's console; written to a file or a pipe (a log, CI), it is wide enough for the tables,
+    and commands and paths stay whole, to copy and paste."""
+    import sys
+
     from rich.console import Console
 
-    c = Console(soft_wrap=True)
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def print_header(state: SweepState, out: Path) -> None:
+    c = console()
     tasks = ", ".join(f"{n} ({t.train_size} train / {t.eval_size} eval, {t.metric.removeprefix('eval_')})"
                       for n, t in state.tasks.items())
     c.print(f"[bold]sweep {state.spec['name']}[/bold]: {tasks}")
@@ -406,7 +414,7 @@ class ProgressTable:
             t.add_row(arm.task, arm.method, f"{done}/{n}", str(running), str(max(0, n - done - running)),
                       str(failed), best, eta)
         if self._live is None:
-            self._live = Live(t, refresh_per_second=2, transient=False)
+            self._live = Live(t, console=console(), refresh_per_second=2, transient=False)
             self._live.start()
         else:
             self._live.update(t)
@@ -459,10 +467,9 @@ def arm_problems(state: SweepState) -> list[str]:
 
 
 def print_summary(state: SweepState, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=True)  # commands and paths stay whole, to copy and paste
+    out_console = console()
     for name, task in state.tasks.items():
         t = Table(title=f"{name}: best per arm ({task.metric}, {task.mode})")
         t.add_column("arm")
@@ -478,12 +485,12 @@ def print_summary(state: SweepState, out: Path) -> None:
             t.add_row(m, "-" if b is None else f"{b.score:.4f}",
                       learned_line(b.score if b else None, task.baseline, task.metric, task.mode),
                       "/".join(str(arm.counts.get(o.value, 0)) for o in R.Outcome), short_config(b.config) if b else "-")
-        console.print(t, soft_wrap=False)
+        out_console.print(t, soft_wrap=False)
     uri = state.tracking_uri
-    console.print(f"MLflow: experiment '{state.spec['name']}', parent run {state.parent_run_id}")
-    console.print(f"  mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"  {uri}")
-    console.print(f"  optuna-dashboard {out / OPTUNA_JOURNAL}")
+    out_console.print(f"MLflow: experiment '{state.spec['name']}', parent run {state.parent_run_id}")
+    out_console.print(f"  mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"  {uri}")
+    out_console.print(f"  optuna-dashboard {out / OPTUNA_JOURNAL}")
     if state.disk_bytes is not None:
-        console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
+        out_console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
     for line in arm_problems(state):
-        console.print(f"[red]no scored trial[/red]: {line}")
+        out_console.print(f"[red]no scored trial[/red]: {line}")
