@@ -381,10 +381,11 @@ def main() -> None:
         for per_trial, res in ((0.25, None), (2, {"cpu": 1, "gpu": 2})):
             spec = build_spec(f"scale-gpu{per_trial:g}".replace(".", "_"), tasks, methods, trials, a.reports,
                               a.grace_period, gpus=per_trial)
-            r = run_design("after", spec, shape, a.slots, work / f"gpu{per_trial:g}", gpu_resources=res)
+            slots = int(min(a.slots, a.gpus / per_trial))  # the trials that fit at once: the minimum's slots
+            r = run_design("after", spec, shape, slots, work / f"gpu{per_trial:g}", gpu_resources=res)
             r["gpus_per_trial"] = per_trial
             r["gpu_check"] = check_gpus(r["_trials"], per_trial, a.gpus)
-            r["expected_concurrency"] = int(min(a.slots, a.gpus / per_trial))
+            r["expected_concurrency"] = slots
             show(r)
             print(f"    {per_trial:g} GPU per trial: max concurrency {r['max_concurrency']} (expected "
                   f"{r['expected_concurrency']}); GPU check {r['gpu_check']}")
