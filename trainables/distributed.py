@@ -182,9 +182,9 @@ def _forward(metrics: dict, ckpt: Any) -> None:
 
 def create_trial_resources(cpus_per_trial: float, gpus_per_trial: float, workers_per_trial: int):
     """What ``tune.with_resources`` needs: ``{"cpu", "gpu"}`` (fractions allowed) when the trial
-    trains in its own process (``workers_per_trial <= 1``); else a CPU/GPU-free driver bundle, as
-    the workers (``cpus_per_trial / workers_per_trial`` CPUs each, same for GPUs) get their own."""
-    if workers_per_trial <= 1:
+    trains in its own process (one worker, at most one GPU); else a CPU/GPU-free driver bundle, as
+    the DDP workers (one per worker or per GPU) get their own resources from Ray Train."""
+    if workers_per_trial <= 1 and gpus_per_trial <= 1:
         return {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1 << 20}])  # no empty bundles: 1 MiB
 

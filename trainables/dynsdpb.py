@@ -94,7 +94,11 @@ class _TuneReporter(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        self.report(self.result(state, final=state.global_step >= state.max_steps), folder)
+        result = self.result(state, final=state.global_step >= state.max_steps)
+        if os.path.isdir(folder):  # (rank 0's folder; other ranks report without one)
+            with open(os.path.join(folder, R.CHECKPOINT_RESULT), "w") as f:
+                json.dump({k: result[k] for k in (R.OBJECTIVE, R.STEP) if k in result}, f)
+        self.report(result, folder)
 
     def result(self, state, final: bool, failure: str | None = None) -> dict:
         out = {**self.train_log, **self.eval_metrics, **self.group, R.STEP: state.global_step,

@@ -34,6 +34,7 @@ SAMPLE_PASSES = "sample_passes"
 FINAL = "final"
 FAILURE = "dynsdpb_failure"
 MODE = "max"  # of OBJECTIVE, always
+CHECKPOINT_RESULT = "tune_dynsdpb_result.json"  # in each reported checkpoint: its OBJECTIVE and STEP
 
 
 class Outcome(str, enum.Enum):

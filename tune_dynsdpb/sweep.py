@@ -180,8 +180,8 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
         if resume and tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
         else:
-            tuner = create_tuner(spec, groups, trainable, storage, [callback, _ProgressCallback()],
-                                 str(out / OPTUNA_JOURNAL))
+            tuner = create_tuner(spec, groups, trainable, storage,
+                                 [callback, _ProgressCallback(), CheckpointPruner()], str(out / OPTUNA_JOURNAL))
         try:
             grid = fit_tuner(tuner, len(groups) * spec.budget.num_samples, spec.budget.time_budget_s)
         except KeyboardInterrupt:  # Tune returned early and saved its state
@@ -246,7 +246,9 @@ def create_tuner(spec: SweepSpec, groups: list, trainable, storage: str, callbac
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=2),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=R.OBJECTIVE,
+            # num_to_keep=None: a bound would force an experiment snapshot every few reports
+            # (benchmarks/sweep_scale.py); CheckpointPruner keeps a finished trial's best one
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=R.OBJECTIVE,
                                                     checkpoint_score_order=R.MODE)))
 
 
@@ -302,7 +304,8 @@ def collect_outcomes(grid, state: SweepState) -> list[dict]:
         records.append({"trial_id": last.get("trial_id") or getattr(result, "path", ""), "task": task,
                         "method": method, "outcome": outcome.value})
         # every report with a score carries a checkpoint; Tune keeps each trial's best ones
-        scored = [(m[R.OBJECTIVE], ckpt) for ckpt, m in result.best_checkpoints or [] if R.finite(m.get(R.OBJECTIVE))]
+        scored = [(m[R.OBJECTIVE], ckpt) for ckpt, m in result.best_checkpoints or [] if R.finite(m.get(R.OBJECTIVE))
+                  and not (ckpt.path.startswith("/") and not os.path.isdir(ckpt.path))]  # (pruned ones)
         if outcome is R.Outcome.FAILED or not scored:
             continue
         best_obj, ckpt = max(scored, key=lambda x: x[0])
@@ -345,6 +348,30 @@ def _prune_checkpoints(grid, state: SweepState) -> None:
             for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
                 for f in Path(best.path).rglob(name):
                     f.unlink(missing_ok=True)
+
+
+class CheckpointPruner(tune.Callback):
+    """Tune keeps every checkpoint (``num_to_keep=None``: a bounded number forces an experiment
+    snapshot every few reports, which stalls a large sweep); this driver callback keeps only a
+    finished trial's best checkpoint, by the objective the trainable wrote into each one."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        import json
+
+        where = Path(trial.path) if trial.path and os.path.isdir(trial.path) else None  # (local storage only)
+        folders = sorted(where.glob("checkpoint_*")) if where else []
+        scored = []
+        for folder in folders:
+            try:
+                scored.append((json.loads((folder / R.CHECKPOINT_RESULT).read_text())[R.OBJECTIVE], folder))
+            except (OSError, ValueError, KeyError):
+                continue
+        if not scored:
+            return
+        best = max(scored, key=lambda x: x[0])[1]
+        for _, folder in scored:
+            if folder != best:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _disk_use(folder: Path) -> int:

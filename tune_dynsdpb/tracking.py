@@ -456,7 +456,7 @@ class MLflowTrialCallback(Callback):
 
     @property
     def writer(self) -> _Writer:
-        key = (self.tracking_uri, self.sweep_id, self.arm)
+        key = (self.tracking_uri, self.sweep_id, self.arm, tuple(sorted(self.arm_runs.items())))
         if key not in _WRITERS:
             _WRITERS[key] = _Writer(self.tracking_uri, self.experiment_id, self.sweep_id, self.arm_runs)
         return _WRITERS[key]
