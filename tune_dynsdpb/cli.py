@@ -205,13 +205,19 @@ def check_train_args(a: argparse.Namespace) -> None:
         raise UserError(f"{bad[0]}: {bad[1]}")
 
 
+def transformers_logging():
+    from transformers.utils import logging
+    return logging
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     check_train_args(a)
-    from .data import load_task, tokenize_task
+    from .data import check_truncation, count_truncation, load_task, tokenize_task
     from .results import metric_key
     from .run import create_trainer, load_model, save_final_model
     from .trainer import DynSDPBConfig, TrainingDiverged
 
+    transformers_logging().disable_progress_bar()  # weight loading/writing; the training bar stays
     out = a.output_dir
     batch = a.per_device_train_batch_size
     try:
@@ -231,6 +237,11 @@ def cmd_train(a: argparse.Namespace) -> int:
                              max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples, seed=a.seed)
             lora = {"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules} if a.lora_r else None
             model, tokenizer = load_model(a.model, task, lora=lora, trust_remote_code=a.trust_remote_code, seed=a.seed)
+            cut = count_truncation(task, tokenizer, a.max_length)
+            check_truncation(cut)  # a causal-LM answer cut, or over 5 % of samples: exit 2
+            for count in cut.values():
+                if count.truncated:
+                    print(f"truncated: {count}", flush=True)
             train_ds, eval_ds = tokenize_task(task, tokenizer, a.max_length)
             trainer = create_trainer(task, model, tokenizer, train_ds, eval_ds, config)
             train_out = trainer.train()
@@ -244,6 +255,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             record = {"task": task.name, "source": task.source, "method": a.method, "metric": key,
                       "score": final.get(key), "eval": final, "train": train_out.metrics,
                       "train_samples": len(train_ds), "eval_samples": len(eval_ds), "config": settings,
+                      "truncated": {split: c.truncated for split, c in cut.items()},
                       "log_history": trainer.state.log_history}
             (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
     except TrainingDiverged as e:  # the staged output is gone: no model, no metrics.json

@@ -460,6 +460,76 @@ def _encode(task: Task, ds: datasets.Dataset, split: str, tokenizer, max_length:
     return enc.cast_column("labels", datasets.Value("float32")) if task.kind == "regression" else enc
 
 
+# ----------------------------------------------------------------------------- truncation, counted
+TRUNCATION_THRESHOLD = 0.05  # classification/regression: the largest share of cut samples a split may have
+
+
+@dataclass(frozen=True)
+class TruncationCount:
+    """How many samples of one split :func:`tokenize_task` cuts at ``max_length``.
+
+    Classification and regression: samples (the text pair, special tokens included) longer than
+    ``max_length``. Causal LMs: samples whose answer (completion + EOS) loses tokens."""
+
+    task: str
+    split: str            # "train" or "eval"
+    truncated: int
+    total: int
+    max_length: int
+    kind: TaskKind
+
+    @property
+    def fraction(self) -> float:
+        return self.truncated / self.total if self.total else 0.0
+
+    def __str__(self) -> str:  # e.g. "train 12 of 800 (1.5%) at max_length=64"
+        return (f"{self.split} {self.truncated} of {self.total} ({100 * self.fraction:.1f}%) "
+                f"at max_length={self.max_length}")
+
+
+def _lengths(tokenizer, columns: list[list[str]], special: bool) -> list[int]:
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum": that is the point
+    try:
+        enc = tokenizer(*columns, truncation=False, add_special_tokens=special)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def count_truncation(task: Task, tokenizer, max_length: int, batch_size: int = 1000) -> dict[str, TruncationCount]:
+    """{"train": count, "eval": count}: samples that tokenization at ``max_length`` cuts (see
+    :class:`TruncationCount`). Tokenizes every split once more, without truncation."""
+    out = {}
+    for split, ds in (("train", task.train), ("eval", task.eval)):
+        cut = 0
+        for start in range(0, len(ds), batch_size):
+            rows = ds[start:start + batch_size]
+            if task.kind == "causal_lm":
+                prompts = _lengths(tokenizer, [rows["prompt"]], False)
+                answers = _lengths(tokenizer, [rows["completion"]], False)
+                cut += sum(p + a + 1 > max_length for p, a in zip(prompts, answers))  # + 1: the EOS
+            else:
+                cut += sum(n > max_length for n in _lengths(tokenizer, [rows[c] for c in task.text_fields], True))
+        out[split] = TruncationCount(task.name, split, cut, len(ds), max_length, task.kind)
+    return out
+
+
+def check_truncation(counts: dict[str, TruncationCount], threshold: float = TRUNCATION_THRESHOLD) -> None:
+    """Raises a one-line UserError when a causal-LM answer is cut at all, or when more than
+    ``threshold`` of a split's classification/regression samples are cut."""
+    for c in counts.values():
+        if c.kind == "causal_lm" and c.truncated:
+            raise UserError(f"task {c.task}: {c.split}: {c.truncated} of {c.total} answers lose tokens at "
+                            f"max_length={c.max_length}; raise max_length")
+        if c.kind != "causal_lm" and c.fraction > threshold:
+            raise UserError(f"task {c.task}: {c.split}: {c.truncated} of {c.total} samples "
+                            f"({100 * c.fraction:.1f}%) are cut at max_length={c.max_length}, more than "
+                            f"{100 * threshold:g}%; raise max_length")
+
+
 def tokenize_task(task: Task, tokenizer, max_length: int = 128,
                   cache_dir: str | os.PathLike | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Tokenized (train, eval), unpadded, with ``labels``; cached on disk by data + tokenizer + max_length."""

@@ -10,11 +10,14 @@ registers each as a version of one registered model:
 * the registered model carries the task (``tune_dynsdpb.task``); exporting another task into the
   same name is refused before anything is logged.
 
-If registration fails midway, the versions made so far (and the registered model, if this export
-created it) are deleted and the aliases put back before the error is raised.
+Aliases are set only after every version exists (``champion`` last). If registration fails midway,
+the aliases that still point at this export's versions are put back, those versions are deleted (and
+the registered model, if this export created it and nothing else is in it) before the error is
+raised; an alias a concurrent export has moved is left alone.
 
 ``export_folder`` writes a registered model (``models:/NAME@champion``) as a plain Hugging Face
-folder that ``transformers.pipeline()`` loads.
+folder that ``transformers.pipeline()`` loads. The registry is trusted for weights, never for code:
+the MLmodel file is read and checked before anything loads (see :func:`check_flavor`).
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     import mlflow
     import transformers
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
     from .data import load_task
@@ -171,9 +175,18 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     try:
         with _tracking(uri):
             if not existed:
-                client.create_registered_model(name, tags={TAG_TASK: task.name, "tune_dynsdpb.pipeline_task": ptask})
-            else:  # same task (checked above), or an empty model without the tag yet
+                try:
+                    client.create_registered_model(name, tags={TAG_TASK: task.name,
+                                                               "tune_dynsdpb.pipeline_task": ptask})
+                except MlflowException as e:  # a concurrent export made it first: share it, never delete it
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    existed = _check_name(client, name, task.name)
+            if existed:  # same task (checked above), or an empty model without the tag yet
                 client.set_registered_model_tag(name, TAG_TASK, task.name)
+            for alias in aliases:  # what to put back, read before this export changes anything
+                with contextlib.suppress(Exception):
+                    before[alias] = str(client.get_model_version_by_alias(name, alias).version)
             versions = {}
             for m, b in best.items():
                 model, tokenizer = load_checkpoint(b["checkpoint"], task, state.model_path)
@@ -191,15 +204,14 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
                         "tune_dynsdpb.seed": str(config.get("seed", spec.seed)), TAG_TASK: task.name,
                         "tune_dynsdpb.data_source": str(task.source)[:5000],
                         "tune_dynsdpb.trial_id": str(b.get("trial_id")),
-                        "tune_dynsdpb.trial_run_id": str(b.get("run_id")),
+                        "tune_dynsdpb.trial_run_id": str(b.get("run_id")), "tune_dynsdpb.export_run_id": run_id,
                         "tune_dynsdpb.config": _json(config)}
                 mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
                                                  model_id=info.model_id)
                 created.append(mv.version)
                 versions[m] = mv.version
-            for alias in aliases:
-                with contextlib.suppress(Exception):
-                    before[alias] = client.get_model_version_by_alias(name, alias).version
+            # aliases only once every version exists: an alias never points at a half-made export;
+            # champion goes last, so a killed export leaves the old champion in place
             for alias, m in aliases.items():
                 client.set_registered_model_alias(name, alias, versions[m])
     except BaseException:
@@ -230,22 +242,179 @@ def _json(config: dict) -> str:
 
 
 def _rollback(client, name: str, created: list[str], before: dict[str, str], existed: bool) -> None:
-    """Deletes the versions an export made (and the model, if it made that) and restores aliases."""
+    """Undoes one export, touching only what it made, so that a concurrent export survives it:
+
+    * an alias is put back (or removed, if it had no version before) only while it still points at a
+      version this export created; an alias another export has moved since is left alone;
+    * the versions this export created are deleted;
+    * the registered model is deleted only if this export created it and no version is left in it."""
+    mine = {str(v) for v in created}
+    for alias in before.keys() | _aliases_of(client, name):
+        try:
+            now = client.get_model_version_by_alias(name, alias).version
+        except Exception:  # noqa: BLE001 - no such alias (any more)
+            continue
+        if str(now) not in mine:
+            continue
+        with contextlib.suppress(Exception):
+            if alias in before:
+                client.set_registered_model_alias(name, alias, before[alias])
+            else:
+                client.delete_registered_model_alias(name, alias)
     for version in created:
         with contextlib.suppress(Exception):
             client.delete_model_version(name, version)
     if not existed:
         with contextlib.suppress(Exception):
-            client.delete_registered_model(name)
-        return
-    for alias, version in before.items():
-        with contextlib.suppress(Exception):
-            client.set_registered_model_alias(name, alias, version)
+            if not client.search_model_versions(f"name = '{name}'", max_results=1):
+                client.delete_registered_model(name)
+
+
+def _aliases_of(client, name: str) -> set[str]:
+    try:
+        return set(client.get_registered_model(name).aliases)
+    except Exception:  # noqa: BLE001
+        return set()
+
+
+# The flavor keys that name a class to instantiate: each must be a class of the transformers package.
+_CLASS_KEYS = ("instance_type", "pipeline_model_type", "tokenizer_type", "feature_extractor_type",
+               "image_processor_type", "processor_type")
+# Flavor settings that make MLflow fetch or build weights elsewhere (hub, a local base, an adapter).
+_REFUSED_KEYS = {"local_base_model_path": "a base model outside the artifacts",
+                 "peft_adaptor": "a PEFT adapter over a base model outside the artifacts"}
+
+
+def _transformers_class(name, uri: str, what: str, base: str | None = None):
+    """The transformers class called ``name``, found by attribute look-up on the ``transformers``
+    package only (nothing else is ever imported); a one-line UserError for anything else."""
+    import transformers
+
+    refused = UserError(f"--model: {uri}: {what} class {name!r} is not in the transformers package; "
+                        "refusing to load it")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise refused
+    cls = getattr(transformers, name, None)
+    module = getattr(cls, "__module__", "") or ""
+    if not isinstance(cls, type) or not (module == "transformers" or module.startswith("transformers.")) \
+            or (base is not None and not issubclass(cls, getattr(transformers, base))):
+        raise refused
+    return cls
+
+
+def check_flavor(mlmodel: dict, uri: str) -> dict:
+    """The transformers flavor of an MLmodel file, checked: every class it names is a class of the
+    ``transformers`` package (looked up, never imported from elsewhere), and the weights are in the
+    artifacts. Raises a one-line UserError otherwise."""
+    flavors = (mlmodel or {}).get("flavors") or {}
+    conf = flavors.get("transformers")
+    if not isinstance(conf, dict):
+        raise UserError(f"--model: {uri} is not a transformers model (flavors: {', '.join(flavors) or 'none'})")
+    for key, why in _REFUSED_KEYS.items():
+        if conf.get(key):
+            raise UserError(f"--model: {uri}: its transformers flavor loads {why} ({key}); refusing to load it")
+    if not conf.get("model_binary"):
+        raise UserError(f"--model: {uri}: holds no model weights (it would load them from "
+                        f"{conf.get('source_model_name')!r} on the hub); refusing to load it")
+    _transformers_class(conf.get("pipeline_model_type"), uri, "model", "PreTrainedModel")
+    if conf.get("instance_type") is not None:
+        _transformers_class(conf.get("instance_type"), uri, "pipeline", "Pipeline")
+    for key in _CLASS_KEYS[2:]:
+        if conf.get(key) is not None:
+            base = "PreTrainedTokenizerBase" if key == "tokenizer_type" else None
+            _transformers_class(conf[key], uri, key.removesuffix("_type").replace("_", " "), base)
+    components = conf.get("components") or []
+    if not isinstance(components, list) or any(c not in ("tokenizer", "feature_extractor", "image_processor")
+                                               for c in components):
+        raise UserError(f"--model: {uri}: unexpected components {components!r}; refusing to load it")
+    return conf
+
+
+def _no_custom_code(folder: Path, uri: str) -> None:
+    """Refuses a config that asks for code shipped with the model (``auto_map``)."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        f = folder / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"--model: {uri}: unreadable {name}: {one_line(e)}") from None
+            if isinstance(data, dict) and data.get("auto_map"):
+                raise UserError(f"--model: {uri}: {name} asks for code shipped with the model (auto_map); "
+                                "refusing to load it")
+
+
+def load_registered(local: Path, uri: str):
+    """(model, {component: object}) from downloaded artifacts, after :func:`check_flavor`; every
+    load goes through the Auto classes with ``trust_remote_code=False``."""
+    import yaml
+    from transformers import (AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoModelForCausalLM,
+                              AutoModelForSequenceClassification, AutoTokenizer)
+
+    try:
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"--model: {uri}: no readable MLmodel file: {one_line(e)}") from None
+    conf = check_flavor(mlmodel if isinstance(mlmodel, dict) else {}, uri)
+    weights = local / str(conf["model_binary"])
+    if not weights.is_dir() or weights.resolve().parent != local.resolve():
+        raise UserError(f"--model: {uri}: the weights folder {conf['model_binary']!r} is missing")
+    _no_custom_code(weights, uri)
+    autos = {"text-generation": AutoModelForCausalLM, "text-classification": AutoModelForSequenceClassification}
+    auto = autos.get(conf.get("task"))
+    if auto is None:
+        raise UserError(f"--model: {uri}: pipeline task {conf.get('task')!r} is not one tune-dynsdpb exports "
+                        f"({', '.join(autos)})")
+    loaders = {"tokenizer": AutoTokenizer, "feature_extractor": AutoFeatureExtractor,
+               "image_processor": AutoImageProcessor}
+    try:
+        AutoConfig.from_pretrained(str(weights), trust_remote_code=False)
+        model = auto.from_pretrained(str(weights), trust_remote_code=False)
+        parts = {}
+        for name in conf.get("components") or []:
+            folder = local / "components" / name
+            _no_custom_code(folder, uri)
+            parts[name] = loaders[name].from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--model: cannot load {uri}: {one_line(e)}") from None
+    if type(model).__name__ != conf["pipeline_model_type"]:
+        raise UserError(f"--model: {uri}: the weights hold a {type(model).__name__}, the MLmodel file says "
+                        f"{conf['pipeline_model_type']}")
+    return model, parts
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """No download/loading/writing bars on stderr for the block: an error stays the only line there."""
+    from transformers.utils import logging as hf_logging
+
+    saved, was = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"), hf_logging.is_progress_bar_enabled()
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = None) -> Path:
-    """Writes a logged/registered transformers model (e.g. ``models:/NAME@champion``) as a plain
-    Hugging Face folder (model + tokenizer), staged beside ``out`` and renamed into place."""
+    """Writes a registered transformers model (e.g. ``models:/NAME@champion``) as a plain Hugging
+    Face folder (model + tokenizer), staged beside ``out`` and renamed into place.
+
+    The registry is trusted for weights, never for code: the artifacts are downloaded, the MLmodel
+    file's transformers flavor is checked (:func:`check_flavor`: every class it names must be a
+    class of the ``transformers`` package; no hub, adapter or outside base model; no ``auto_map``),
+    and only then are the weights loaded, through the Auto classes with ``trust_remote_code=False``.
+    ``mlflow.transformers.load_model`` (which imports what the MLmodel file names) is not used."""
+    import tempfile
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -254,17 +423,19 @@ def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = No
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out: {out} exists and is not empty")
-    with _tracking(tracking_uri):
-        try:
-            parts = mlflow.transformers.load_model(model_uri, return_type="components")
-        except (MlflowException, OSError) as e:
-            raise UserError(f"--model: cannot load {model_uri}: {one_line(e)}") from None
-    with staged_output(out, flag="--out") as tmp:
-        parts["model"].save_pretrained(tmp)
-        for key in ("tokenizer", "feature_extractor", "image_processor", "processor"):
-            if parts.get(key) is not None:
-                parts[key].save_pretrained(tmp)
+    with tempfile.TemporaryDirectory(prefix="dynsdpb-export-") as tmp, _no_progress_bars():
+        with _tracking(tracking_uri):
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+            except (MlflowException, OSError) as e:
+                raise UserError(f"--model: cannot load {model_uri}: {one_line(e)}") from None
+        model, parts = load_registered(local, model_uri)
+        with staged_output(out, flag="--out") as staged:
+            model.save_pretrained(staged)
+            for part in parts.values():
+                part.save_pretrained(staged)
     return out
 
 
-__all__ = ["export_sweep", "export_folder", "input_example", "load_checkpoint", "pipeline_task"]
+__all__ = ["export_sweep", "export_folder", "check_flavor", "load_registered", "input_example", "load_checkpoint",
+           "pipeline_task"]

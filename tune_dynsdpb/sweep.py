@@ -19,6 +19,7 @@ The folder's layout is in :mod:`tune_dynsdpb.state`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -90,6 +91,27 @@ def _check_resume_args(state: SweepState, **given: Any) -> None:
                         f"drop it to resume, or start a new sweep")
 
 
+@contextlib.contextmanager
+def _undo_unsaved(out: Path | None, fresh: bool):
+    """A new sweep that fails before its state is saved (a bad metric, an unreachable tracking
+    store, resources no node has, a failing preflight) leaves its folder as it found it: removed if
+    it made it, else emptied (it was empty), so the same --output-dir works next time. Entered only
+    once the folder lock is held, so it never touches another driver's folder."""
+    try:
+        yield
+    except BaseException:
+        if out is not None and not (out / STATE_FILE).exists():
+            if fresh:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for child in out.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+        raise
+
+
 def _saved_data_dir(state: SweepState):
     dirs = {t.data_dir for t in state.tasks.values()}
     return dirs.pop() if len(dirs) == 1 else None
@@ -125,12 +147,13 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
             raise UserError("sweep: give a sweep file (e.g. search_spaces/quickstart.yaml)")
         spec = create_spec(spec_path, methods, num_samples, overrides)
         out = Path(output_dir or Path("runs") / spec.name).resolve()
+        fresh = not out.exists()
         _check_output_dir(out)
         state = None
         tracking_uri = use_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(out)
     where = str(spec.path or (state.spec_path if state else spec.name))
 
-    with lock_folder(out):
+    with lock_folder(out), _undo_unsaved(None if resume else out, fresh=not resume and fresh):
         check_tracking_uri(tracking_uri)
         init_ray(ray_address, ray_temp_dir, verbose=verbose)
         check_resources(spec, where)

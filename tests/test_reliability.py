@@ -1,0 +1,618 @@
+"""Bad input and faults, one row of docs/reliability.md each: the exact line the user sees, the
+exit status, and that nothing half-written is left behind.
+
+The CLI runs in-process (``cli.main``). Most rows fail before any trial: they need no Ray, or only
+the session's Ray (``ray_session``) for the checks that ask it. Rows covered by other test files are
+named in docs/reliability.md and not repeated here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps import spec_dict
+from tune_dynsdpb.cli import main
+
+E = "tune-dynsdpb: error: "
+
+
+@pytest.fixture(autouse=True)
+def own_token_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TUNE_DYNSDPB_CACHE", str(tmp_path_factory.getbasetemp() / "reliability-cache"))
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def rejected(capsys, argv, line: str, code: int = 2) -> None:
+    """Exit status ``code`` and exactly ``line`` (one line) on stderr."""
+    got, _, err = cli(capsys, *argv)
+    assert (got, err) == (code, E + line + "\n")
+
+
+def write_spec(tmp_path: Path, model: Path, name="rel", **kw) -> Path:
+    spec = spec_dict(model, name=name, methods=kw.pop("methods", ["dlb"]), num_samples=kw.pop("num_samples", 1),
+                     **kw)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def nothing_left(tmp_path: Path, out: Path) -> None:
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    assert not list(tmp_path.glob(f".{out.name}.partial-*"))
+
+
+# ============================================================================ train
+def train_args(data_dir, model, out, *extra):
+    return ["train", "--task", "rte", "--data-dir", data_dir, "--model", model, "--output-dir", out,
+            "--batch-size", "8", "--epochs", "1", "--max-length", "32", *extra]
+
+
+def test_train_unknown_task_lists_the_known_ones(data_dir, tiny_bert, tmp_path, capsys):
+    from tune_dynsdpb.data import list_tasks
+
+    out = tmp_path / "out"
+    argv = train_args(data_dir, tiny_bert, out)
+    argv[argv.index("rte")] = "glue-nope"
+    rejected(capsys, argv, f"unknown task 'glue-nope' (known: {', '.join(list_tasks())})")
+    nothing_left(tmp_path, out)
+
+
+def test_train_output_dir_is_a_file(data_dir, tiny_bert, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("mine")
+    rejected(capsys, train_args(data_dir, tiny_bert, out), f"--output-dir: {out} exists and is not empty")
+    assert out.read_text() == "mine"
+
+
+def test_train_output_dir_under_a_file(data_dir, tiny_bert, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "out"
+    rejected(capsys, train_args(data_dir, tiny_bert, out), f"--output-dir: cannot create {out.parent}: File exists")
+
+
+def test_train_unwritable_parent(data_dir, tiny_bert, tmp_path, capsys, monkeypatch):
+    """Tests run as root here, for whom every folder is writable: os.access answers as for a user."""
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent else real(p, mode, **k))
+    rejected(capsys, train_args(data_dir, tiny_bert, parent / "out"), f"--output-dir: {parent} is not writable")
+    assert not any(parent.iterdir())
+
+
+# -- truncation ----------------------------------------------------------------------------------
+def write_custom(folder: Path, long_rows: int, n: int = 40) -> tuple[Path, Path]:
+    """A custom CSV task whose ``long_rows`` first rows are 30 words long (cut at max_length=16)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [("the movie was " + " ".join(["very"] * 27) if i < long_rows else "the movie was good", i % 2)
+            for i in range(n)]
+    text = "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)
+    (folder / "train.csv").write_text(text)
+    (folder / "dev.csv").write_text("text,label\n" + "".join(f"the film was fun,{i % 2}\n" for i in range(8)))
+    return folder / "train.csv", folder / "dev.csv"
+
+
+def custom_args(train, dev, model, out):
+    return ["train", "--task", "custom", "--train-file", train, "--eval-file", dev, "--text-fields", "text",
+            "--label-field", "label", "--model", model, "--output-dir", out, "--batch-size", "8", "--epochs", "1",
+            "--max-length", "16", "--method", "vanilla"]
+
+
+def test_train_prints_what_it_truncates(tiny_bert, tmp_path, capsys):
+    train, dev = write_custom(tmp_path / "d", long_rows=1)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *custom_args(train, dev, tiny_bert, out))
+    assert code == 0, err
+    assert [ln for ln in stdout.splitlines() if ln.startswith("truncated:")] == [
+        "truncated: train 1 of 40 (2.5%) at max_length=16"]  # eval: nothing cut, no line
+    assert json.loads((out / "metrics.json").read_text())["truncated"] == {"train": 1, "eval": 0}
+
+
+def test_train_truncation_over_the_threshold(tiny_bert, tmp_path, capsys):
+    train, dev = write_custom(tmp_path / "d", long_rows=4)
+    out = tmp_path / "out"
+    rejected(capsys, custom_args(train, dev, tiny_bert, out),
+             "task custom: train: 4 of 40 samples (10.0%) are cut at max_length=16, more than 5%; raise max_length")
+    nothing_left(tmp_path, out)
+
+
+def test_train_causal_lm_answer_cut(data_dir, tiny_gpt2, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from tune_dynsdpb.data import count_truncation, load_task
+
+    counts = count_truncation(load_task("gsm8k", data_dir), AutoTokenizer.from_pretrained(str(tiny_gpt2)), 32)
+    n = counts["train"].truncated
+    assert 0 < n <= 64
+    out = tmp_path / "out"
+    argv = train_args(data_dir, tiny_gpt2, out)
+    argv[argv.index("rte")] = "gsm8k"
+    rejected(capsys, argv, f"task gsm8k: train: {n} of 64 answers lose tokens at max_length=32; raise max_length")
+    nothing_left(tmp_path, out)
+
+
+def test_count_truncation_by_hand(tiny_bert, tmp_path):
+    """Every word of the test vocabulary is one token: the lengths are counted by hand."""
+    from transformers import AutoTokenizer
+
+    from tune_dynsdpb.data import TruncationCount, check_truncation, count_truncation, load_task
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert))
+    qa = tmp_path / "qa.jsonl"  # prompt "question : how many apples \n answer :" = 7, answer 5, EOS 1: 13
+    qa.write_text(json.dumps({"question": "how many apples", "answer": "the man has 3 apples"}) + "\n")
+    task = load_task("qa-jsonl", train_file=qa, eval_file=qa)
+    assert count_truncation(task, tok, 13)["train"].truncated == 0
+    cut = count_truncation(task, tok, 12)
+    assert (cut["train"].truncated, cut["eval"].truncated) == (1, 1)
+    with pytest.raises(Exception, match=r"^task qa-jsonl: train: 1 of 1 answers lose tokens at max_length=12; "):
+        check_truncation(cut)
+
+    pairs = tmp_path / "pairs.csv"  # [CLS] a b [SEP] c d e [SEP]: 8 tokens
+    pairs.write_text("a,b,label\ngood movie,the film was,0\nbad,dull,1\n")
+    task = load_task("custom", train_file=pairs, eval_file=pairs, text_fields=["a", "b"], label_field="label")
+    counts = count_truncation(task, tok, 6)
+    assert counts["train"] == TruncationCount("custom", "train", 1, 2, 6, "classification")
+    assert str(counts["train"]) == "train 1 of 2 (50.0%) at max_length=6"
+    check_truncation(counts, threshold=0.5)  # at the threshold: allowed
+    with pytest.raises(Exception, match="1 of 2 samples"):
+        check_truncation(counts, threshold=0.49)
+    assert count_truncation(task, tok, 7)["train"].truncated == 1
+    assert count_truncation(task, tok, 8)["train"].truncated == 0
+
+
+# ============================================================================ sweep files (before anything runs)
+def _set(d: dict, dotted: str, value) -> dict:
+    node, *_ = d, None
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    node[parts[-1]] = value
+    return d
+
+
+SPEC_CASES = {  # id: (edit of the spec dict, the line after "<file>: ")
+    "unknown key": (lambda d: _set(d, "bogus", 1), "bogus: unknown key"),
+    "inverted range": (lambda d: _set(d, "params.common.learning_rate", {"low": 1e-2, "high": 1e-4}),
+                       "params.common.learning_rate: empty or inverted range: low (0.01) must be < high (0.0001)"),
+    "task listed twice": (lambda d: d.update(tasks=[{"task": "rte"}, {"task": "rte"}]) or d.pop("task"),
+                          "tasks.1.task: task 'rte' is listed twice"),
+    "unknown per-task key": (lambda d: d.update(tasks=[{"task": "rte", "learning_rate": 1e-3}]) or d.pop("task"),
+                             "tasks.0.learning_rate: unknown key"),
+    "time_budget_s 0": (lambda d: _set(d, "budget.time_budget_s", 0), "budget.time_budget_s: Input should be "
+                                                                         "greater than 0"),
+    "distill_warmup 1": (lambda d: d.update(methods=["dlb_warmup"]) or _set(
+        d, "params.dlb_warmup.distill_warmup", {"low": 0.0, "high": 1.0}),
+        "params.dlb_warmup.distill_warmup: distill_warmup must be in [0, 1) (got 1.0)"),
+    "odd batch, dlb": (lambda d: _set(d, "params.common.per_device_train_batch_size", 15),
+                       "params.common.per_device_train_batch_size: dlb/dynsdpb split each batch in two halves: every "
+                       "batch size must be even and >= 2 (for a range: even low and an even step)"),
+    "alpha0 < 0": (lambda d: _set(d, "params.dlb.alpha0", {"low": -0.5, "high": 1.0}),
+                   "params.dlb.alpha0: alpha0 must be >= 0 (got -0.5)"),
+    "name ../..": (lambda d: _set(d, "name", "../.."),
+                   "name: '../..': use letters, digits, '.', '_' and '-' (it names folders), starting with a letter "
+                   "or digit"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPEC_CASES))
+def test_sweep_file_rejected(case, tiny_bert, data_dir, tmp_path, capsys):
+    edit, line = SPEC_CASES[case]
+    d = spec_dict(tiny_bert, name="rel", methods=["dlb"], num_samples=1)
+    edit(d)
+    path = tmp_path / "rel.yaml"
+    path.write_text(yaml.safe_dump(d))
+    out = tmp_path / "out"
+    got, _, err = cli(capsys, "sweep", path, "--data-dir", data_dir, "--output-dir", out, "--no-progress")
+    assert got == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{E}{path}: {line}"), err
+    nothing_left(tmp_path, out)
+
+
+def test_sweep_file_malformed_yaml(tiny_bert, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nparams:\n  common: [\n")
+    out = tmp_path / "out"
+    rejected(capsys, ["sweep", path, "--output-dir", out],
+             f"{path}: line 4: malformed YAML: while parsing a flow node expected the node content, but found "
+             "'<stream end>'")
+    nothing_left(tmp_path, out)
+
+
+def test_sweep_file_missing(tmp_path, capsys):
+    rejected(capsys, ["sweep", tmp_path / "nowhere.yaml", "--output-dir", tmp_path / "out"],
+             f"{tmp_path / 'nowhere.yaml'}: file not found")
+
+
+def test_set_unknown_key_and_malformed_item(tiny_bert, tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_bert)
+    out = tmp_path / "out"
+    rejected(capsys, ["sweep", path, "--output-dir", out, "--set", "budget.num_sample=3"],
+             f"{path} (with --set/--methods/--num-samples): budget.num_sample: unknown key")
+    rejected(capsys, ["sweep", path, "--output-dir", out, "--set", "budget.num_samples"],
+             "--set: 'budget.num_samples': expected key=value (e.g. budget.num_samples=16)")
+    rejected(capsys, ["sweep", path, "--output-dir", out, "--set", "model.path=x"],
+             "--set: model: is a value, not a section")
+    rejected(capsys, ["sweep", path, "--output-dir", out, "--num-samples", "0"], "--num-samples: must be >= 1 (got 0)")
+    rejected(capsys, ["sweep", path, "--output-dir", out, "--methods", "sdpb"],
+             f"{path} (with --set/--methods/--num-samples): methods.0: unknown method 'sdpb' "
+             "(valid: vanilla, dlb, dlb_warmup, dynsdpb)")
+    nothing_left(tmp_path, out)
+
+
+# ============================================================================ the output folder
+def test_sweep_output_dir_is_a_file(tiny_bert, tmp_path, capsys):
+    path, out = write_spec(tmp_path, tiny_bert), tmp_path / "out"
+    out.write_text("mine")
+    rejected(capsys, ["sweep", path, "--output-dir", out], f"--output-dir: {out} is a file")
+    assert out.read_text() == "mine"
+
+
+def test_sweep_output_dir_not_empty_without_a_sweep(tiny_bert, tmp_path, capsys):
+    path, out = write_spec(tmp_path, tiny_bert), tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rejected(capsys, ["sweep", path, "--output-dir", out],
+             f"--output-dir: {out} is not empty and holds no sweep; pick a new folder")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_sweep_unwritable_output_dir(tiny_bert, tmp_path, capsys, monkeypatch):
+    path, out = write_spec(tmp_path, tiny_bert), tmp_path / "out"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == out else real(p, mode, **k))
+    rejected(capsys, ["sweep", path, "--output-dir", out], f"--output-dir: {out} is not writable")
+    assert not any(out.iterdir())
+
+
+def test_sweep_output_dir_under_a_file(tiny_bert, tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_bert)
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "out"
+    rejected(capsys, ["sweep", path, "--output-dir", out], f"--output-dir: cannot create {out}: Not a directory")
+
+
+def fake_sweep(out: Path, model: Path, data_dir: Path, methods=("dlb",), num_samples=1, data_hash="stale"):
+    """A sweep folder as an interrupted driver leaves it (sweep.json only, no trial yet)."""
+    from tune_dynsdpb.search_space import parse_search_space
+    from tune_dynsdpb.state import SweepState, TaskState
+
+    spec = parse_search_space(spec_dict(model, name="fake", methods=list(methods), num_samples=num_samples))
+    state = SweepState(sweep_id="fake0", spec=spec.model_dump(mode="json", by_alias=True),
+                       spec_path=str(out / "fake.yaml"), methods=list(methods), num_samples=num_samples,
+                       tracking_uri=f"sqlite:///{out}/mlflow.db", model_path=str(model),
+                       storage_path=str(out / "ray"), created=0.0, status="interrupted",
+                       tasks={"rte": TaskState(name="rte", metric="eval_accuracy", mode="max", data_dir=str(data_dir),
+                                               data_hash=data_hash)})
+    for m in methods:
+        state.arm("rte", m)
+    out.mkdir(parents=True)
+    state.save(out)
+    return state
+
+
+def test_corrupt_sweep_json(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text("{not json")
+    rejected(capsys, ["sweep", "--resume", "--output-dir", out],
+             f"{out / 'sweep.json'}: corrupt sweep state: Expecting property name enclosed in double quotes: "
+             "line 1 column 2 (char 1)")
+    (out / "sweep.json").write_text(json.dumps({"version": 2, "sweep_id": "x"}))
+    rejected(capsys, ["sweep", "--resume", "--output-dir", out], f"{out / 'sweep.json'}: corrupt sweep state: spec: "
+                                                                 "Field required")
+    rejected(capsys, ["sweep", "--output-dir", out, tmp_path / "any.yaml"], f"{tmp_path / 'any.yaml'}: file not found")
+
+
+def test_resume_without_a_sweep(tmp_path, capsys):
+    rejected(capsys, ["sweep", "--resume", "--output-dir", tmp_path], f"{tmp_path}: holds no sweep (no sweep.json)")
+    rejected(capsys, ["sweep", "--resume"], "--resume: needs --output-dir of the interrupted sweep")
+    rejected(capsys, ["sweep", "--output-dir", tmp_path],
+             "sweep: give a sweep file (e.g. search_spaces/quickstart.yaml)")
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_with_other_num_samples_or_methods(tiny_bert, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    fake_sweep(out, tiny_bert, data_dir)
+    before = (out / "sweep.json").read_text()
+    rejected(capsys, ["sweep", "--resume", "--output-dir", out, "--num-samples", "3"],
+             "--num-samples: 3 conflicts with the saved sweep's 1; drop it to resume, or start a new sweep")
+    rejected(capsys, ["sweep", "--resume", "--output-dir", out, "--methods", "dlb", "dynsdpb"],
+             "--methods: ['dlb', 'dynsdpb'] conflicts with the saved sweep's ['dlb']; drop it to resume, "
+             "or start a new sweep")
+    rejected(capsys, ["sweep", write_spec(tmp_path, tiny_bert), "--output-dir", out],
+             f"--output-dir: {out} already holds a sweep; pass --resume to continue it")
+    rejected(capsys, ["sweep", "--resume", "--output-dir", out, "--set", "seed=1"],
+             "--resume: continues the saved sweep file; give no sweep file or --set")
+    assert (out / "sweep.json").read_text() == before
+
+
+def test_resume_after_the_data_changed(ray_session, tiny_bert, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    fake_sweep(out, tiny_bert, data_dir, data_hash="0" * 64)
+    before = (out / "sweep.json").read_text()
+    rte = data_dir / "glue" / "RTE"
+    rejected(capsys, ["sweep", "--resume", "--output-dir", out, "--no-progress"],
+             f"{rte / 'train.tsv'}, {rte / 'dev.tsv'}: the data of task rte changed since the sweep started; "
+             "resume with the same data, or start a new sweep")
+    assert (out / "sweep.json").read_text() == before
+    assert not (out / "mlflow.db").exists() and not (out / "ray").exists()
+
+
+# ============================================================================ checks against data, model, Ray, MLflow
+def sweep_fails_cleanly(capsys, tmp_path, argv, line):
+    """A new sweep that fails its set-up exits 2 with ``line`` and leaves no folder behind (it can
+    be run again with the same --output-dir)."""
+    out = tmp_path / "out"
+    rejected(capsys, ["sweep", *argv, "--output-dir", out, "--no-progress"], line)
+    nothing_left(tmp_path, out)
+
+
+def test_metric_typo_lists_the_valid_names(ray_session, tiny_bert, data_dir, tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_bert, metric="acuracy")
+    sweep_fails_cleanly(capsys, tmp_path, [path, "--data-dir", data_dir],
+                        f"{path}: metric: 'acuracy' is not reported by task 'rte' (valid: accuracy, loss)")
+
+
+def test_metric_loss_gets_mode_min(tiny_bert, data_dir, tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_bert, metric="loss")
+    code, out, err = cli(capsys, "validate", path, "--data-dir", data_dir)
+    assert code == 0, err
+    assert re.search(r"^  rte: 64 train / 32 eval from .*; eval_loss \(min\), trivial baseline [\d.]+; one training "
+                     r"step ran$", out, re.M), out
+
+
+PREFLIGHT = {  # --set item: what the one training step says
+    "training.optim=adamw_nope": "a training step with the dlb arm's first point fails: ValueError: ",
+    "training.lr_scheduler_type=cosine_nope": "a training step with the dlb arm's first point fails: ValueError: ",
+}
+
+
+@pytest.mark.parametrize("item", list(PREFLIGHT))
+def test_preflight_rejects_what_would_fail_every_trial(item, tiny_bert, data_dir, tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_bert)
+    code, _, err = cli(capsys, "validate", path, "--data-dir", data_dir, "--set", item)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{E}{path}: task rte: {PREFLIGHT[item]}"), err
+    assert item.split("=")[1] in err, err
+
+
+def test_fp16_on_cpu_is_accepted(tiny_bert, data_dir, tmp_path, capsys):
+    """transformers >= 5 runs fp16 on a CPU (autocast): not an error, the step runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out, err = cli(capsys, "validate", write_spec(tmp_path, tiny_bert), "--data-dir", data_dir,
+                         "--set", "training.fp16=true")
+    assert code == 0 and "one training step ran" in out, err
+
+
+def test_lora_target_modules_the_model_lacks(tiny_bert, data_dir, tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_bert, lora={"r": 4, "target_modules": ["q_proj"]})
+    code, _, err = cli(capsys, "validate", path, "--data-dir", data_dir)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{E}{path}: task rte: cannot build the model: NoMatchingPeftModuleError: No modules were "
+                          "targeted for adaptation."), err
+
+
+def test_resources_no_node_can_meet(ray_session, tiny_bert, data_dir, tmp_path, capsys):
+    import ray
+
+    cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))
+    path = write_spec(tmp_path, tiny_bert, resources={"cpus_per_trial": 64})
+    sweep_fails_cleanly(capsys, tmp_path, [path, "--data-dir", data_dir],
+                        f"{path}: resources: a trial needs 1 worker(s) of 64 CPU / 0 GPU but the cluster's largest "
+                        f"node has {cpus:g} CPU / 0 GPU")
+
+
+def test_unreachable_tracking_uri_never_echoes_the_password(tiny_bert, data_dir, tmp_path, capsys, monkeypatch):
+    import helpers
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)  # put back afterwards (the sweep sets the first two)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = helpers.free_port()
+    path = write_spec(tmp_path, tiny_bert)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "sweep", path, "--data-dir", data_dir, "--output-dir", out, "--no-progress",
+                            "--tracking-uri", f"http://alice:s3cret-pw@127.0.0.1:{port}")
+    assert code == 2 and err.count("\n") == 1, err
+    # the password moved to MLFLOW_TRACKING_PASSWORD before the URI was used: the URI shown has none
+    assert err.startswith(f"{E}MLflow tracking URI http://127.0.0.1:{port} is not usable: API request to "
+                          f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search failed with exception "), err
+    assert "s3cret" not in err + stdout
+    nothing_left(tmp_path, out)
+
+
+# ============================================================================ compare / export
+def test_compare_and_export_without_a_finished_trial(tiny_bert, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    fake_sweep(out, tiny_bert, data_dir)
+    rejected(capsys, ["compare", out], f"{out}: task rte of the sweep has no finished trial")
+    rejected(capsys, ["export", out, "--name", "never"],
+             f"{out}: task rte of the sweep has no finished trial; nothing to export")
+    assert not (out / "mlflow.db").exists() and not list(out.glob("report-*"))
+
+
+def test_export_out_not_empty(tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rejected(capsys, ["export", "--model", "models:/x@champion", "--out", out,
+                      "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], f"--out: {out} exists and is not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def registry(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/registry.db"
+    return uri, MlflowClient(uri, registry_uri=uri)
+
+
+def hand_written_model(folder: Path, model: Path, **flavor) -> Path:
+    """An MLmodel file written by hand over tiny_bert's files, in MLflow's transformers layout."""
+    shutil.copytree(model, folder / "model", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special*"))
+    tok = folder / "components" / "tokenizer"
+    tok.mkdir(parents=True)
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special")):
+            shutil.copy(f, tok / f.name)
+    conf = {"task": "text-classification", "instance_type": "TextClassificationPipeline",
+            "pipeline_model_type": "BertForSequenceClassification", "model_binary": "model",
+            "components": ["tokenizer"], "tokenizer_type": "BertTokenizer", "framework": "pt", **flavor}
+    (folder / "MLmodel").write_text(yaml.safe_dump({"flavors": {
+        "python_function": {"loader_module": "mlflow.transformers", "python_version": "3"}, "transformers": conf}}))
+    return folder
+
+
+def register(client, name: str, source: Path) -> None:
+    client.create_registered_model(name)
+    v = client.create_model_version(name, source=str(source))
+    client.set_registered_model_alias(name, "champion", v.version)
+
+
+def test_export_refuses_a_class_outside_transformers(tiny_bert, tmp_path, capsys):
+    """The registry is trusted for weights, never for code: a model version whose MLmodel names a
+    class of another package is refused, and that package is never imported."""
+    pkg = tmp_path / "pkgs"
+    (pkg / "evilpkg").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (pkg / "evilpkg" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nclass Evil:\n    pass\n")
+    sys.path.insert(0, str(pkg))
+    try:
+        uri, client = registry(tmp_path)
+        for name, flavor in (("evil-model", {"pipeline_model_type": "evilpkg.Evil"}),
+                             ("evil-tok", {"tokenizer_type": "evilpkg.Evil"}),
+                             ("evil-pipe", {"instance_type": "Evil"}),
+                             ("not-a-model", {"pipeline_model_type": "AutoTokenizer"})):
+            register(client, name, hand_written_model(tmp_path / name, tiny_bert, **flavor))
+        out = tmp_path / "hf"
+        rejected(capsys, ["export", "--model", "models:/evil-model@champion", "--out", out, "--tracking-uri", uri],
+                 "--model: models:/evil-model@champion: model class 'evilpkg.Evil' is not in the transformers "
+                 "package; refusing to load it")
+        rejected(capsys, ["export", "--model", "models:/evil-tok@champion", "--out", out, "--tracking-uri", uri],
+                 "--model: models:/evil-tok@champion: tokenizer class 'evilpkg.Evil' is not in the transformers "
+                 "package; refusing to load it")
+        rejected(capsys, ["export", "--model", "models:/evil-pipe@champion", "--out", out, "--tracking-uri", uri],
+                 "--model: models:/evil-pipe@champion: pipeline class 'Evil' is not in the transformers "
+                 "package; refusing to load it")
+        rejected(capsys, ["export", "--model", "models:/not-a-model@champion", "--out", out, "--tracking-uri", uri],
+                 "--model: models:/not-a-model@champion: model class 'AutoTokenizer' is not in the transformers "
+                 "package; refusing to load it")
+        assert not marker.exists() and "evilpkg" not in sys.modules
+        nothing_left(tmp_path, out)
+    finally:
+        sys.path.remove(str(pkg))
+
+
+def test_export_refuses_custom_code_and_outside_weights(tiny_bert, tmp_path, capsys):
+    uri, client = registry(tmp_path)
+    folder = hand_written_model(tmp_path / "automap", tiny_bert)
+    config = json.loads((folder / "model" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.Evil"}
+    (folder / "model" / "config.json").write_text(json.dumps(config))
+    register(client, "automap", folder)
+    register(client, "hub", hand_written_model(tmp_path / "hub", tiny_bert, model_binary=None,
+                                               source_model_name="someone/model"))
+    register(client, "adapter", hand_written_model(tmp_path / "adapter", tiny_bert, peft_adaptor="peft"))
+    out = tmp_path / "hf"
+    rejected(capsys, ["export", "--model", "models:/automap@champion", "--out", out, "--tracking-uri", uri],
+             "--model: models:/automap@champion: config.json asks for code shipped with the model (auto_map); "
+             "refusing to load it")
+    rejected(capsys, ["export", "--model", "models:/hub@champion", "--out", out, "--tracking-uri", uri],
+             "--model: models:/hub@champion: holds no model weights (it would load them from 'someone/model' on "
+             "the hub); refusing to load it")
+    rejected(capsys, ["export", "--model", "models:/adapter@champion", "--out", out, "--tracking-uri", uri],
+             "--model: models:/adapter@champion: its transformers flavor loads a PEFT adapter over a base model "
+             "outside the artifacts (peft_adaptor); refusing to load it")
+    nothing_left(tmp_path, out)
+
+
+def test_export_writes_a_model_logged_by_mlflow(tiny_bert, tmp_path, capsys):
+    """The real layout of ``mlflow.transformers.log_model`` passes the checks and loads back."""
+    import mlflow
+    import transformers
+
+    from tune_dynsdpb.export import _tracking
+
+    uri, client = registry(tmp_path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tiny_bert))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    with _tracking(uri):
+        info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok},
+                                             task="text-classification", name="m",
+                                             pip_requirements=["transformers", "torch"])
+        client.create_registered_model("real")  # the registry resolves the source with the current tracking URI
+        v = client.create_model_version("real", source=info.model_uri, model_id=info.model_id)
+        client.set_registered_model_alias("real", "champion", v.version)
+    out = tmp_path / "hf"
+    code, stdout, err = cli(capsys, "export", "--model", "models:/real@champion", "--out", out, "--tracking-uri", uri)
+    assert code == 0, err
+    assert stdout == f"models:/real@champion -> {out}\n"
+    pipe = transformers.pipeline("text-classification", model=str(out))
+    expected = transformers.pipeline("text-classification", model=model, tokenizer=tok)("a good movie")
+    assert pipe("a good movie") == expected
+
+
+def test_export_rollback_restores_only_its_own_aliases(tmp_path):
+    """An export that fails after setting aliases puts back only the aliases that still point at
+    its own versions: one a concurrent export moved since stays where that export put it."""
+    from tune_dynsdpb.export import _rollback
+
+    uri, c = registry(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    c.create_registered_model("m")
+    v = [c.create_model_version("m", source=str(src)).version for _ in range(5)]  # 1, 2 before; 3, 4 ours; 5 theirs
+    c.set_registered_model_alias("m", "champion", v[0])
+    c.set_registered_model_alias("m", "best-dlb", v[1])
+    before = {"champion": str(v[0]), "best-dlb": str(v[1])}
+    c.set_registered_model_alias("m", "champion", v[2])   # ours
+    c.set_registered_model_alias("m", "best-dlb", v[4])   # moved by the concurrent export
+    c.set_registered_model_alias("m", "best-vanilla", v[3])  # ours, new
+    _rollback(c, "m", [str(v[2]), str(v[3])], before, existed=True)
+    aliases = {k: str(x) for k, x in c.get_registered_model("m").aliases.items()}
+    assert aliases == {"champion": str(v[0]), "best-dlb": str(v[4])}
+    assert sorted(int(x.version) for x in c.search_model_versions("name = 'm'")) == [int(v[0]), int(v[1]), int(v[4])]
+
+    # a model this export created, into which a concurrent export registered a version: kept
+    c.create_registered_model("n")
+    ours, theirs = (c.create_model_version("n", source=str(src)).version for _ in range(2))
+    _rollback(c, "n", [str(ours)], {}, existed=False)
+    assert [x.version for x in c.search_model_versions("name = 'n'")] == [theirs]
+    _rollback(c, "n", [str(theirs)], {}, existed=False)  # nothing left in it: the model goes
+    assert not c.search_registered_models("name = 'n'")
+
+
+# ============================================================================ a sweep whose arm has no scored trial
+@pytest.mark.slow
+def test_sweep_with_a_diverged_arm_exits_1(ray_session, tiny_bert, data_dir, tmp_path, capsys):
+    path = write_spec(tmp_path, tiny_bert, name="div", grace_period=2,
+                      params={"common": {"learning_rate": 1.0e6, "num_train_epochs": 1,
+                                         "per_device_train_batch_size": 16}, "dlb": {"alpha0": 1.0, "tau0": 3.0}})
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "sweep", path, "--data-dir", data_dir, "--output-dir", out, "--no-progress")
+    assert code == 1, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tune-dynsdpb")]
+    assert len(lines) == 1 and re.fullmatch(r"tune-dynsdpb: no scored trial: rte/dlb: 1 of 1 trials failed: training "
+                                            r"diverged: non-finite \w+ at step \d+", lines[0]), err
+    assert json.loads((out / "sweep.json").read_text())["status"] == "finished"
