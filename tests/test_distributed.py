@@ -86,29 +86,11 @@ def _train_dirs(trial_id: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's unix sockets live under it
-    old = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    # Tune's trial actor, the Train controller and the workers import this module by name
-    # (cloudpickle pickles module-level functions by reference): give them tests/ and the root.
-    pythonpath = os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {"PYTHONPATH": pythonpath,
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # the controller polls reports every 2 s
-           # fewer helper processes per Train run (this box has 2 shared cores)
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
-    ray.init(address="local", num_cpus=2, _temp_dir=tmp, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": env})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = old
-        shutil.rmtree(tmp, ignore_errors=True)
+def ray_cluster(ray_session):
+    """The session's Ray (conftest), whose workers can import this module."""
+    import ray
+
+    return ray
 
 
 @pytest.fixture(scope="module")

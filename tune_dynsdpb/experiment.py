@@ -127,6 +127,7 @@ class PreparedTask:
     job: Any             # trainables.dynsdpb.Job
     data_hash: str
     baseline: float | None
+    truncation: dict     # split -> data.TruncationCount: samples cut at max_length
 
 
 def data_hash(task) -> str:
@@ -144,7 +145,7 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
     from trainables.dynsdpb import Job
 
     from .baselines import trivial_baseline
-    from .data import load_task, tokenize_task
+    from .data import check_truncation, count_truncation, load_task, tokenize_task
     from .run import load_model
 
     lora = spec.lora.model_dump() if spec.lora else None
@@ -160,6 +161,11 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
         except Exception as e:  # noqa: BLE001 - e.g. LoRA target modules the model does not have
             raise UserError(f"{where}: task {task.name}: cannot build the model: {type(e).__name__}: "
                             f"{one_line(e)}") from None
+        truncation = count_truncation(task, tokenizer, ts.max_length)
+        try:
+            check_truncation(truncation)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         train, evals = tokenize_task(task, tokenizer, ts.max_length, cache_dir=cache_dir)
         r = spec.resources
         job = Job(model_path=model_path, task=task, metric=metric, mode=mode,
@@ -168,7 +174,8 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
                   training=spec.training_kwargs(), callbacks=list(callbacks or []))
         baseline = None if task.kind == "causal_lm" else trivial_baseline(metric, task.eval["label"],
                                                                            task.compute_metrics)
-        out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, data_hash(task), baseline)
+        out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, data_hash(task), baseline,
+                                      truncation)
     return out
 
 

@@ -68,6 +68,7 @@ class TaskState(_Model):
     eval_size: int = 0
     data_hash: str = ""
     baseline: Optional[float] = None  # the trivial baseline's score on the eval split
+    truncated: dict[str, int] = {}    # split -> samples cut at max_length (under the check's threshold)
 
 
 class SweepState(_Model):

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from mlflow.entities import Param
 from ray import tune
 
 from . import results as R
@@ -170,7 +171,9 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
                 model_path=model_path, created=time.time(), storage_path=str(storage_path or out / "ray"),
                 tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=data_dir or t.spec.data_dir,
                                     source=t.task.source, train_size=len(t.train), eval_size=len(t.eval),
-                                    data_hash=t.data_hash, baseline=t.baseline) for n, t in tasks.items()})
+                                    data_hash=t.data_hash, baseline=t.baseline,
+                                    truncated={s: c.truncated for s, c in t.truncation.items()})
+                       for n, t in tasks.items()})
             for n in tasks:
                 for m in spec.methods:
                     state.arm(n, m)
@@ -192,6 +195,10 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
              "tasks": ",".join(tasks)}, tags={"tune_dynsdpb.output_dir": str(out)})
         for n, m in groups:
             tracker.start_arm(n, m)
+        for n, t in state.tasks.items():  # nothing dropped in silence: the truncation counts too
+            tracker.client.log_batch(tracker.task_run(n), params=[
+                Param(f"truncated_{split}", str(count)) for split, count in t.truncated.items()
+                if f"truncated_{split}" not in tracker.client.get_run(tracker.task_run(n)).data.params])
         state.status = "running"
         state.save(out)
         trainable = create_trainable(spec, tasks)
@@ -418,6 +425,10 @@ def print_header(state: SweepState, out: Path) -> None:
                       for n, t in state.tasks.items())
     c.print(f"[bold]sweep {state.spec['name']}[/bold]: {tasks}")
     c.print(f"model {state.model_path}; arms {', '.join(state.methods)} × {state.num_samples} trials each")
+    for name, t in state.tasks.items():
+        cut = [f"{split} {n} of {t.train_size if split == 'train' else t.eval_size}" for split, n in t.truncated.items() if n]
+        if cut:
+            c.print(f"truncated at max_length ({name}): {', '.join(cut)}")
     c.print(f"MLflow {state.tracking_uri}; folder {out}")
 
 
