@@ -75,12 +75,7 @@ def mlflow_server(tmp_path_factory):
             pytest.fail("mlflow server did not start:\n" + (d / "server.log").read_text()[-3000:])
         time.sleep(0.5)
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    helpers.stop_process_group(proc)
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process_group(proc, timeout: float = 15) -> None:
+    """Stops a process started with ``start_new_session=True`` and every process it forked:
+    SIGTERM to the group, SIGKILL if it is still there after ``timeout`` seconds."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

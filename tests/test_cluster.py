@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from sweeps import check_tree, client_for, runs_by_role, spec_file
+from sweeps import check_tree, client_for, spec_file
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +40,7 @@ def token_head(tmp_path):
         time.sleep(0.5)
     time.sleep(2)
     yield f"127.0.0.1:{port}", token
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    helpers.stop_process_group(proc, timeout=30)
 
 
 def test_joining_a_token_cluster_started_in_another_process(token_head, tiny_bert, data_dir, tmp_path):
