@@ -7,8 +7,6 @@ diverged feeds the "nothing to compare or export" ones. The CLI runs in-process 
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,6 @@ Each trial uses 2 x 0.5 CPU, so both run at once on a 2-CPU Ray.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import time

@@ -14,7 +14,7 @@ from ray.tune.search import Searcher
 
 from tune_dynsdpb import results as R
 from tune_dynsdpb.search_space import parse_search_space
-from tune_dynsdpb.searching import (GroupedASHA, RoundRobinSearcher, create_journal_storage, create_scheduler,
+from tune_dynsdpb.searching import (RoundRobinSearcher, create_journal_storage, create_scheduler,
                                     create_searcher, group_of, study_name)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import helpers
 from sweeps import check_tree, client_for, runs_by_role, spec_file
 
 pytestmark = pytest.mark.slow
