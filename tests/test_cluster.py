@@ -56,7 +56,10 @@ def test_joining_a_token_cluster_started_in_another_process(token_head, tiny_ber
                         env={**base, "HOME": str(home)})
     assert no.returncode == 2, no.stderr[-2000:]
     line = no.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"tune-dynsdpb: error: --ray-address: the Ray cluster at '{address}' ") and "RAY_AUTH_TOKEN" in line
+    assert line.startswith(f"tune-dynsdpb: error: --ray-address: cannot join Ray at '{address}': ")
+    assert line.endswith("; if the cluster uses token authentication (Ray's default), set RAY_AUTH_TOKEN (or "
+                         "~/.ray/auth_token) to the head's token (`ray get-auth-token` on the head)")
+    assert not (tmp_path / "no").exists()
     # with the token in RAY_AUTH_TOKEN (and RAY_AUTH_MODE unset): the sweep runs on that cluster
     yes = subprocess.run([*cmd, "--output-dir", str(tmp_path / "yes")], capture_output=True, text=True, timeout=600,
                          env={**base, "HOME": str(home), "RAY_AUTH_TOKEN": token})
@@ -107,7 +110,7 @@ def test_a_node_lost_mid_sweep_costs_retries_not_budget(tiny_bert, data_dir, tmp
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rc", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=840, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"removed"')))
     assert len(info["removed"]) == 1 and info["alive"] == 2
     client = client_for(f"sqlite:///{out}/mlflow.db")
     runs = check_tree(client, "nodes", ["rte"], ["dlb", "dynsdpb"], 3)

@@ -233,6 +233,7 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
 def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path):
     from tune_dynsdpb.sweep import run_sweep
 
+    work_folders = set(Path(tempfile.gettempdir()).glob("dynsdpb-ddp-*"))  # (other runs' are not ours)
     out = tmp_path / "sweep"
     spec = spec_file(tmp_path, tiny_bert, name="ddp", methods=["dynsdpb"], num_samples=1,
                      resources={"cpus_per_trial": 2, "workers_per_trial": 2})
@@ -243,7 +244,7 @@ def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path
     # 64 train samples over 2 ranks, B/2 = 8 new ones per rank and step: 4 steps, each passing 16
     # samples on each of the 2 ranks (sample-passes count both workers)
     assert run.data.metrics["step"] == 4 and run.data.metrics["sample_passes"] == 4 * 16 * 2
-    assert not list(Path(tempfile.gettempdir()).glob("dynsdpb-ddp-*"))  # the DDP work folders are removed
+    assert set(Path(tempfile.gettempdir()).glob("dynsdpb-ddp-*")) == work_folders  # the DDP work folder is removed
 
 
 # -- the output folder ----------------------------------------------------------------------------

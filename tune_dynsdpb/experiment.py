@@ -52,10 +52,24 @@ def _token_available() -> bool:
                 or (Path.home() / ".ray" / "auth_token").is_file())
 
 
+def set_ray_env(address: str | None = None, verbose: bool = False) -> None:
+    """The environment Ray reads when it is imported: token authentication on when joining a
+    cluster with a token at hand, off for a private local Ray; native warnings off unless verbose."""
+    if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    elif not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no token to manage
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # no native retry warnings on the console
+
+
 def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: bool = False) -> None:
     """Starts a local Ray, or joins the cluster at ``address``. Ray 2.60's clusters use token
     authentication: when a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
-    ``~/.ray/auth_token``), joining turns it on; without one, the error says what to set."""
+    ``~/.ray/auth_token``), joining turns it on; without one, the error says what to set. (Ray
+    reads ``RAY_AUTH_MODE`` once, when it is first imported: call :func:`set_ray_env` before
+    anything imports ``ray``, as the CLI does.)"""
+    set_ray_env(address, verbose)
     import ray
 
     quiet_libraries(verbose)
@@ -64,12 +78,10 @@ def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: b
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose, "configure_logging": verbose}
     if address:
         kwargs["address"] = address
-        if "RAY_AUTH_MODE" not in os.environ and _token_available():
-            os.environ["RAY_AUTH_MODE"] = "token"
     elif temp_dir:
         kwargs["_temp_dir"] = temp_dir
-    if not address:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no token to manage
+    hint = ("" if _token_available() else "; if the cluster uses token authentication (Ray's default), set "
+            "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the head's token (`ray get-auth-token` on the head)")
     try:
         ray.init(**kwargs)
     except ray.exceptions.AuthenticationError:
@@ -77,11 +89,7 @@ def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: b
                         "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the head's token "
                         "(`ray get-auth-token` on the head)") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
-        text = one_line(e)
-        if "token" in text.lower():
-            raise UserError(f"--ray-address: the Ray cluster at {address!r} needs a token: set RAY_AUTH_MODE=token "
-                            "and RAY_AUTH_TOKEN (or ~/.ray/auth_token) from the head") from None
-        raise UserError(f"--ray-address: cannot join Ray at {address!r}: {text}") from None
+        raise UserError(f"--ray-address: cannot join Ray at {address!r}: {one_line(e)}{hint}") from None
 
 
 def check_resources(spec: SweepSpec, where: str) -> None:
