@@ -271,3 +271,30 @@ def test_a_second_driver_on_the_same_folder_exits_2(tiny_bert, data_dir, tmp_pat
         except ProcessLookupError:
             pass
         first.wait()
+
+
+def test_a_password_in_the_tracking_uri_is_stored_printed_and_logged_nowhere(mlflow_server, tiny_bert, data_dir,
+                                                                             tmp_path):
+    """A sweep against a real `mlflow server` with `http://user:password@host`: the password reaches
+    MLflow through MLFLOW_TRACKING_PASSWORD only; no file of the output folder (Tune's pickles
+    included), no MLflow record and no console line holds it."""
+    secret = "s3cr3t-Pa55w0rd"
+    uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
+    spec = spec_file(tmp_path, tiny_bert, name="secret", methods=["dlb"], num_samples=1, grace_period=2)
+    out = tmp_path / "sweep"
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
+                           "--output-dir", str(out), "--tracking-uri", uri], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in proc.stdout + proc.stderr
+    assert mlflow_server in proc.stdout  # the summary names the store, without the password
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) > 20 and any(f.name == "tuner.pkl" for f in files)
+    assert [f for f in files if secret.encode() in f.read_bytes()] == []
+    client = client_for(mlflow_server)
+    exp = client.get_experiment_by_name("secret")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert len(runs) == 4  # sweep, task, arm, trial
+    records = json.dumps([{"params": r.data.params, "tags": r.data.tags} for r in runs]) + json.dumps(exp.tags)
+    assert secret not in records
