@@ -3,14 +3,16 @@
 # the MLflow UI's runs page (sweep -> task -> arm -> trial runs) and compare's report.html.
 # Fails if the runs page shows none of the sweep's runs, or the report references a missing image.
 #
-#   bash scripts/screenshots.sh runs/qs [docs]        # -> docs/mlflow-runs.png, docs/report.png
+#   bash scripts/screenshots.sh runs/qs [docs [REPORT_HTML]]   # -> docs/mlflow-runs.png, docs/report.png
+# REPORT_HTML defaults to the first report-*/.../report.html in SWEEP_DIR.
 set -euo pipefail
-sweep=$(cd "${1:?usage: scripts/screenshots.sh SWEEP_DIR [OUT_DIR]}" && pwd)
+sweep=$(cd "${1:?usage: scripts/screenshots.sh SWEEP_DIR [OUT_DIR [REPORT_HTML]]}" && pwd)
 out=${2:-docs}
 mkdir -p "$out"
 browser=$(command -v chromium || command -v chromium-browser || true)
 [ -n "$browser" ] || { echo "screenshots: needs chromium (apt-get install -y chromium)" >&2; exit 2; }
-report=$(find "$sweep" -name report.html -path '*report-*' | sort | head -n 1)
+report=${3:-$(find "$sweep" -name report.html -path '*report-*' | sort | head -n 1)}
+[ -z "$report" ] || report=$(cd "$(dirname "$report")" && pwd)/$(basename "$report")
 [ -n "$report" ] || { echo "screenshots: $sweep has no report.html; run tune-dynsdpb compare first" >&2; exit 2; }
 py=${PYTHON:-python3}
 port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -19,10 +21,12 @@ port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print
     >/tmp/screenshots-mlflow.log 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 120); do
-  curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+up=
+for _ in $(seq 360); do
+  if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then up=1; break; fi
   sleep 0.5
 done
+[ -n "$up" ] || { echo "screenshots: mlflow ui did not start: $(tail -n 1 /tmp/screenshots-mlflow.log)" >&2; exit 1; }
 
 # the sweep's experiment and the names of its runs, from the REST API
 read -r exp_id first_run < <("$py" - "$port" "$sweep" <<'PY'
@@ -36,13 +40,15 @@ def call(path, body):
 exp = call("experiments/search", {"max_results": 100, "filter": f"name = '{name}'"})["experiments"][0]
 runs = call("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1,
                             "filter": "tags.`tune_dynsdpb.role` = 'arm'"})["runs"]
-print(exp["experiment_id"], runs[0]["info"]["run_name"].split(" · ")[0])
+print(exp["experiment_id"], json.load(open(f"{sweep}/sweep.json"))["parent_run_id"])
 PY
 )
-url="http://127.0.0.1:$port/#/experiments/$exp_id/runs?viewMode=table&isComparingRuns=false"
+# (the runs page shows the sweep's parent run; no URL parameter expands nested runs)
+url="http://127.0.0.1:$port/#/experiments/$exp_id/runs?viewMode=table"
 flags=(--headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1000 --virtual-time-budget=20000)
 "$browser" "${flags[@]}" --dump-dom "$url" 2>/dev/null >/tmp/screenshots-runs.html
-grep -q "$first_run" /tmp/screenshots-runs.html || { echo "screenshots: the MLflow runs page shows no run of the sweep" >&2; exit 1; }
+grep -q "Training runs" /tmp/screenshots-runs.html && grep -q "runs/$first_run" /tmp/screenshots-runs.html \
+  || { echo "screenshots: the MLflow runs page shows no training run of the sweep" >&2; exit 1; }
 "$browser" "${flags[@]}" --screenshot="$out/mlflow-runs.png" "$url" 2>/dev/null
 
 "$py" - "$report" <<'PY'
