@@ -45,6 +45,8 @@ def quiet_libraries(verbose: bool = False) -> None:
     huggingface_hub.utils.disable_progress_bars()
     for name in ("alembic", "mlflow", "ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING if name != "alembic" else logging.ERROR)
+    # an interrupted trial has no result file yet: Tune's warning about it is noise here
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 def _token_available() -> bool:
