@@ -109,7 +109,8 @@ def test_a_node_lost_mid_sweep_costs_retries_not_budget(tiny_bert, data_dir, tmp
                             data=str(data_dir))
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rc", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=840, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    noise = ("Loading weights", "Writing model shards", "(raylet)", "pid=")
+    assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if not any(n in ln for n in noise))[-4000:]
     info = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"removed"')))
     assert len(info["removed"]) == 1
     client = client_for(f"sqlite:///{out}/mlflow.db")

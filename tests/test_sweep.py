@@ -168,25 +168,23 @@ def test_crash_is_retried_from_its_checkpoint(ray_session, tiny_bert, data_dir, 
     assert state.arms["rte/dynsdpb"].counts == {"FINISHED": 2}
 
 
-def _wait_for_finished_trials(out: Path, proc, n: int, timeout: float = 300) -> None:
-    """Until ``n`` trials have ended (Tune's own files: a trial's ``result.json`` with ``done``).
-    (Not through MLflow: a client opening the SQLite store while the driver creates it races its
-    schema migration.)"""
-    import json as _json
-
+def _wait_for_finished_trials(out: Path, name: str, proc, n: int, timeout: float = 300) -> None:
+    """Until ``n`` trial runs are FINISHED in MLflow (logged as they happen, unlike Tune's result
+    files). The store is opened only once the driver has created it (its state names the parent
+    run): a second client creating the SQLite store would race the driver's schema migration."""
+    uri = f"sqlite:///{out}/mlflow.db"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.3)
         if proc.poll() is not None:
             pytest.fail("the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:])
-        done = 0
-        for f in out.glob("ray/sweep/*/result.json"):
-            lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
-            try:
-                done += bool(lines and _json.loads(lines[-1]).get("final"))
-            except ValueError:  # being written
-                pass
-        if done >= n:
+        try:
+            if not json.loads((out / "sweep.json").read_text()).get("parent_run_id"):
+                continue
+            done = [r for r in runs_by_role(client_for(uri), name)["trial"] if r.info.status == "FINISHED"]
+        except Exception:  # not written yet
+            continue
+        if len(done) >= n:
             return
     pytest.fail("no trial finished in time")
 
@@ -197,7 +195,10 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
     exactly the budget of trial runs per (task, arm), none RUNNING, no trial id twice, no metric
     step logged twice. SIGINT and SIGTERM stop cleanly (exit 130, the resume line)."""
     name = f"stop{sig.value}"
-    spec = spec_file(tmp_path, tiny_bert, name=name, methods=["dlb", "dynsdpb"], num_samples=3, grace_period=2)
+    # 4 epochs x 2 evaluations per trial, none stopped early: the sweep outlasts the first trial
+    spec = spec_file(tmp_path, tiny_bert, name=name, methods=["dlb", "dynsdpb"], num_samples=3, grace_period=8,
+                     params={"common": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                                        "num_train_epochs": 4, "per_device_train_batch_size": 16}})
     out = tmp_path / "sweep"
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
@@ -205,7 +206,7 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _wait_for_finished_trials(out, proc, 2)
+        _wait_for_finished_trials(out, name, proc, 1)
         os.kill(proc.pid, sig)
         code = proc.wait(timeout=180)
         err = proc.stderr.read()

@@ -265,6 +265,22 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _shutdown_ray() -> None:
+    """After an interrupt, Ray is shut down now, deaf to a second Ctrl-C or SIGTERM (at exit it
+    would be stopped halfway, and the exit status lost)."""
+    import signal
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ray.shutdown()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("sweep", "compare"):  # before anything imports ray (it reads these once)
@@ -276,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     except KeyboardInterrupt as e:
         print(f"tune-dynsdpb: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        _shutdown_ray()
         return 130
 
 

@@ -65,6 +65,16 @@ def set_ray_env(address: str | None = None, verbose: bool = False) -> None:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # no native retry warnings on the console
 
 
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (a preempted node, Slurm, Kubernetes) stops the driver as Ctrl-C does: as a SIGINT,
+    which Tune turns into a clean stop (state saved) and which is a KeyboardInterrupt elsewhere."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
 def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: bool = False) -> None:
     """Starts a local Ray, or joins the cluster at ``address``. Ray 2.60's clusters use token
     authentication: when a token is at hand (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
@@ -86,6 +96,7 @@ def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: b
             "RAY_AUTH_TOKEN (or ~/.ray/auth_token) to the head's token (`ray get-auth-token` on the head)")
     try:
         ray.init(**kwargs)
+        sigterm_as_interrupt()  # (ray.init installs a SIGTERM handler that exits at once)
     except ray.exceptions.AuthenticationError:
         raise UserError(f"--ray-address: the Ray cluster at {address!r} rejected this driver's token: set "
                         "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the head's token "

@@ -17,6 +17,7 @@ opens in ``optuna-dashboard``.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import warnings
 from typing import Any, Optional
@@ -91,6 +92,19 @@ def create_optuna_search(spec: SweepSpec, group: Group, storage=None):
                         study_name=study_name(spec.name, group), storage=storage)
 
 
+@contextlib.contextmanager
+def _finished_in_storage():
+    """A driver killed after it told the study a trial's end, but before Tune saved the searcher,
+    comes back (``Tuner.restore``) with that trial still open in memory; the study's storage has it
+    finished already, which is the truth: the repeated report is dropped."""
+    import optuna
+
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
 class RoundRobinSearcher(Searcher):
     """One searcher per group; new trials go out round-robin, ``per_group`` trials each."""
 
@@ -125,7 +139,8 @@ class RoundRobinSearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         group = self.trial_group.get(trial_id)
         if group is not None and R.OBJECTIVE in result:  # a failure's last report has none: OptunaSearch
-            self.searchers[group].on_trial_result(trial_id, result)  # would raise KeyError on it
+            with _finished_in_storage():                     # would raise KeyError on it
+                self.searchers[group].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         group = self.trial_group.get(trial_id)
@@ -133,7 +148,8 @@ class RoundRobinSearcher(Searcher):
             return
         if R.classify(result, error) is R.Outcome.FAILED:  # diverged: a failed study trial, never a value
             result, error = {k: v for k, v in (result or {}).items() if k != R.OBJECTIVE}, True
-        self.searchers[group].on_trial_complete(trial_id, result=result, error=error)
+        with _finished_in_storage():
+            self.searchers[group].on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

@@ -289,15 +289,13 @@ def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = No
     Tune saves the experiment and returns. Tune swaps in its own SIGINT handler for the run and
     puts the previous one back only when the signal arrives, so the handler in place afterwards
     tells whether the run was interrupted; the results' ``done`` flags catch the rest."""
+    from .experiment import sigterm_as_interrupt
+
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if main else None
     start = time.monotonic()
-    term = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT)) if main else None
-    try:
-        grid = tuner.fit()
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, term)
+    sigterm_as_interrupt()
+    grid = tuner.fit()
     interrupted = False
     if main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
         interrupted = signal.getsignal(signal.SIGINT) is before
