@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("sweep", "compare"):  # before anything imports ray (it reads these once)
         from .experiment import set_ray_env
-        set_ray_env(args.ray_address, getattr(args, "verbose", False))
+        set_ray_env(args.ray_address)
     try:
         return args.func(args) or 0
     except UserError as e:

@@ -54,15 +54,13 @@ def _token_available() -> bool:
                 or (Path.home() / ".ray" / "auth_token").is_file())
 
 
-def set_ray_env(address: str | None = None, verbose: bool = False) -> None:
+def set_ray_env(address: str | None = None) -> None:
     """The environment Ray reads when it is imported: token authentication on when joining a
-    cluster with a token at hand, off for a private local Ray; native warnings off unless verbose."""
+    cluster with a token at hand, off for a private local Ray."""
     if address and "RAY_AUTH_MODE" not in os.environ and _token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
     elif not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray: no token to manage
-    if not verbose:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # no native retry warnings on the console
 
 
 def sigterm_as_interrupt() -> None:
@@ -81,7 +79,7 @@ def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: b
     ``~/.ray/auth_token``), joining turns it on; without one, the error says what to set. (Ray
     reads ``RAY_AUTH_MODE`` once, when it is first imported: call :func:`set_ray_env` before
     anything imports ``ray``, as the CLI does.)"""
-    set_ray_env(address, verbose)
+    set_ray_env(address)
     import ray
 
     quiet_libraries(verbose)
