@@ -13,6 +13,7 @@ COPA is encoded as a text pair (``"<premise> What was the <question>?"``, ``"<ch
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -420,8 +421,22 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, train_fil
 
 
 # ----------------------------------------------------------------------------- tokenization + cache
+@functools.lru_cache(maxsize=32)
+def _rows_hash(ds: datasets.Dataset) -> str:
+    h = hashlib.sha256()
+    for batch in ds.iter(batch_size=1024):
+        h.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def fingerprint(task: Task) -> str:
+    """sha256 of the task's (subsampled) raw rows, train then eval: the tokenization cache's key,
+    and what a resumed sweep checks to train on the same data."""
+    return hashlib.sha256((_rows_hash(task.train) + _rows_hash(task.eval)).encode()).hexdigest()
+
+
 def _cache_key(task: Task, tokenizer, max_length: int) -> str:
-    parts = [_CACHE_VERSION, task.name, task.kind, task.text_fields, task.train._fingerprint, task.eval._fingerprint,
+    parts = [_CACHE_VERSION, task.name, task.kind, task.text_fields, fingerprint(task),
              str(getattr(tokenizer, "name_or_path", "")), type(tokenizer).__name__, len(tokenizer),
              getattr(tokenizer, "truncation_side", "right"), max_length]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]

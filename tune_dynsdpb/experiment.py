@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -149,22 +147,13 @@ class PreparedTask:
     truncation: dict     # split -> data.TruncationCount: samples cut at max_length
 
 
-def data_hash(task) -> str:
-    """sha256 of the task's (subsampled) raw rows: a resumed sweep must train on the same data."""
-    h = hashlib.sha256()
-    for ds in (task.train, task.eval):
-        for batch in ds.iter(batch_size=1024):
-            h.update(json.dumps(batch, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str, data_dir: str | None = None,
                   callbacks: list | None = None) -> dict[str, PreparedTask]:
     """Loads, checks and tokenizes every task of ``spec`` (``data_dir`` overrides the file's)."""
     from trainables.dynsdpb import Job
 
     from .baselines import trivial_baseline
-    from .data import check_truncation, count_truncation, load_task, tokenize_task
+    from .data import check_truncation, count_truncation, fingerprint, load_task, tokenize_task
     from .run import load_model
 
     lora = spec.lora.model_dump() if spec.lora else None
@@ -193,7 +182,7 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
                   training=spec.training_kwargs(), callbacks=list(callbacks or []))
         baseline = None if task.kind == "causal_lm" else trivial_baseline(metric, task.eval["label"],
                                                                            task.compute_metrics)
-        out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, data_hash(task), baseline,
+        out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, fingerprint(task), baseline,
                                       truncation)
     return out
 
