@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
@@ -243,13 +244,13 @@ class DynSDPBTrainer(Trainer):
             collate_fn=_SampleIdCollator(collator), num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory, persistent_workers=self.args.dataloader_persistent_workers,
             prefetch_factor=self.args.dataloader_prefetch_factor)
-        loader = self.accelerator.prepare(loader)
-        # accelerate would deal whole batches out round-robin across ranks and break every rank's
-        # chain; the sampler is rank-aware already, so make accelerate's shard a pass-through.
-        shard = getattr(loader, "batch_sampler", None)
-        if shard is not None and hasattr(shard, "num_processes"):
-            shard.num_processes, shard.process_index = 1, 0
-        return loader
+        # Accelerator.prepare would deal whole batches out round-robin across the ranks and break
+        # every rank's chain. The sampler is rank-aware already, so the loader is prepared as for
+        # one process (no batch sharding, no RNG sync), only placing batches on this rank's device.
+        acc = self.accelerator
+        return prepare_data_loader(loader, acc.device, num_processes=1, process_index=0,
+                                   put_on_device=acc.device_placement, non_blocking=acc.non_blocking,
+                                   use_stateful_dataloader=acc.use_stateful_dataloader)
 
     # -- loss --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
