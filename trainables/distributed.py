@@ -63,14 +63,14 @@ class _ForwardToTune(ray.train.UserCallback if V2 else object):
 @ray.remote(num_cpus=0, max_concurrency=2)
 class _Reaper:
     """Detached: removes the workers' placement group once ``sentinel`` (the trial's Queue actor)
-    is gone (trial ended, stopped or killed), then exits."""
+    is gone (trial ended, stopped or killed), then the trial's node-local folders, then exits."""
 
     pg = None
 
     def watch(self, pg) -> None:
         self.pg = pg
 
-    def run(self, sentinel, run_dir: str | None) -> None:
+    def run(self, sentinel, dirs: list[str]) -> None:
         while True:
             try:
                 ray.get(sentinel.qsize.remote(), timeout=10)
@@ -82,8 +82,8 @@ class _Reaper:
         with contextlib.suppress(Exception):  # (the controller may have removed it already)
             if self.pg is not None:
                 remove_placement_group(self.pg)
-        if run_dir:  # the Train run's leftovers (checkpoints not forwarded yet)
-            shutil.rmtree(run_dir, ignore_errors=True)
+        for d in dirs:  # the workers are gone now, so nothing writes there any more
+            shutil.rmtree(d, ignore_errors=True)
         ray.actor.exit_actor()
 
 
@@ -112,10 +112,12 @@ def get_resume_checkpoint() -> str | None:
 
 def run_ddp_trial(train_loop: Callable[[dict], None], config: dict, *, num_workers: int,
                   use_gpu: bool, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
-                  name: str | None = None, storage_path: str | None = None) -> None:
+                  name: str | None = None, storage_path: str | None = None, scratch_dirs: tuple[str, ...] = ()) -> None:
     """Call INSIDE a Tune function trainable: run ``train_loop(config)`` (a module-level function)
     on ``num_workers`` Ray Train workers (gloo on CPU, NCCL on GPU), forwarding each :func:`report`
-    to ``ray.tune.report``. Raises what ``TorchTrainer.fit()`` raises if training fails."""
+    to ``ray.tune.report``. Raises what ``TorchTrainer.fit()`` raises if training fails.
+    ``scratch_dirs``: folders on this node that the workers write to; they are removed once the
+    workers are gone, also when Tune stopped or killed the trial before its own cleanup ran."""
     if not V2:
         raise RuntimeError("run_ddp_trial needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED or set it to 1")
     from ray.train.torch import TorchTrainer
@@ -130,7 +132,7 @@ def run_ddp_trial(train_loop: Callable[[dict], None], config: dict, *, num_worke
     # On this node (for own_dir), outside the trial's placement group (Tune removes it at the end).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     reaper = _Reaper.options(lifetime="detached", scheduling_strategy=here).remote()
-    reaper.run.remote(queue.actor, own_dir)
+    reaper.run.remote(queue.actor, [d for d in (own_dir, *scratch_dirs) if d])
     trainer = TorchTrainer(
         functools.partial(_worker_main, train_loop, tune.get_checkpoint(), reaper),
         train_loop_config=config,

@@ -152,7 +152,8 @@ def train_dynsdpb(config: dict, jobs: dict[str, Job], data: dict[str, tuple]) ->
             run_ddp_trial(_ddp_loop, {"config": config, "job": job, "train": train_dataset, "eval": eval_dataset,
                                       "work": work}, num_workers=job.world_size, use_gpu=job.gpus_per_trial > 0,
                           cpus_per_worker=job.cpus_per_trial / job.world_size,
-                          gpus_per_worker=job.gpus_per_trial / job.world_size if job.gpus_per_trial else 0)
+                          gpus_per_worker=job.gpus_per_trial / job.world_size if job.gpus_per_trial else 0,
+                          scratch_dirs=(work,))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
