@@ -70,6 +70,19 @@ def test_round_robin_keeps_groups_level_and_finishes():
     assert [group_of(configs[f"t{i}"]) for i in range(len(GROUPS))] == GROUPS
 
 
+def test_each_round_sends_the_costliest_trials_first():
+    """sweep.order_groups: train tokens x passes per sample and epoch, most first; ties keep the
+    spec's order. cola's 3 x 10-token samples cost less than rte's 2 x 20 (20 + 20 > 3 x 10)."""
+    from types import SimpleNamespace
+
+    from tune_dynsdpb.sweep import order_groups
+
+    tasks = {"rte": SimpleNamespace(train={"input_ids": [[0] * 20] * 2}),
+             "cola": SimpleNamespace(train={"input_ids": [[0] * 10] * 3})}
+    assert order_groups(tasks, METHODS) == [("rte", "dlb"), ("rte", "dynsdpb"), ("cola", "dlb"), ("cola", "dynsdpb"),
+                                            ("rte", "vanilla"), ("cola", "vanilla")]
+
+
 def test_a_group_that_cannot_suggest_now_does_not_advance():
     class Busy(Searcher):
         def suggest(self, trial_id):

@@ -23,6 +23,7 @@ from typing import Sequence
 
 from . import results as R
 from .errors import UserError
+from .params import PAIRED_METHODS, passes_per_epoch
 from .report import write_report, write_cross_task
 from .state import SweepState, open_sweep
 
@@ -32,12 +33,14 @@ BUDGETS = ("epochs", "compute")
 # -- the finals -----------------------------------------------------------------------------------
 def final_configs(best: dict[str, dict], seeds: Sequence[int], budget: str) -> list[dict]:
     """One full trial config per (arm, seed) from each arm's best config. ``budget="compute"``
-    doubles vanilla's epochs (TrainingArguments' default of 3 when the config has none)."""
+    scales an arm's epochs to the paired methods' sample-passes (:func:`params.passes_per_epoch`):
+    vanilla's double (TrainingArguments' default of 3 when the config has none)."""
     configs = []
+    most = passes_per_epoch(next(iter(PAIRED_METHODS)))
     for method, config in best.items():
         config = dict(config)
-        if budget == "compute" and method == "vanilla":
-            config["num_train_epochs"] = 2 * float(config.get("num_train_epochs", 3.0))
+        if budget == "compute" and passes_per_epoch(method) < most:
+            config["num_train_epochs"] = most / passes_per_epoch(method) * float(config.get("num_train_epochs", 3.0))
         configs += [{**config, "seed": int(s)} for s in seeds]
     return configs
 

@@ -33,6 +33,14 @@ DEFAULT_METHOD: str = "dynsdpb"
 # Methods that split each batch into two halves (the previous batch's second half + a new one):
 # their batch size must be even and >= 2.
 PAIRED_METHODS: frozenset[str] = frozenset(m for m in METHODS if m != "vanilla")
+
+
+def passes_per_epoch(method: str) -> int:
+    """Forward passes per training sample and epoch: a paired method sees each sample twice (in its
+    new half, then as the previous batch's half), so per epoch it takes twice vanilla's steps."""
+    return 2 if method in PAIRED_METHODS else 1
+
+
 METHOD_HELP = ("vanilla: plain fine-tuning; dlb: static alpha0/tau0; dlb_warmup: dlb with the term off for the "
                "first distill_warmup of the steps; dynsdpb: adaptive alpha/tau")
 

@@ -35,6 +35,7 @@ from ray import tune
 from . import results as R
 from .baselines import learned_line
 from .errors import UserError
+from .params import passes_per_epoch
 from .experiment import (check_resources, create_trainable, init_ray, max_concurrent, preflight, prepare_tasks,
                          quiet_libraries)
 from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
@@ -187,7 +188,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
             print_header(state, out)
 
         # -- 2. one experiment for every (task, arm) ------------------------------------------------
-        groups = [(n, m) for n in tasks for m in spec.methods]
+        groups = order_groups(tasks, spec.methods)
         tracker = SweepTracker(tracking_uri, spec.name, state.sweep_id,
                                artifact_location=default_artifact_location(out) if tracking_uri.startswith("sqlite") else None)
         state.parent_run_id = tracker.start_sweep(
@@ -250,6 +251,16 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
 def _model_path(model: str) -> str:
     from .run import resolve_model_path
     return resolve_model_path(model)
+
+
+def order_groups(tasks: dict, methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The (task, arm) groups, costliest trial first (tokens of the task's train split x the
+    method's passes per sample and epoch). Each round of the round-robin then sends its long trials
+    out first and its short ones last, where they fill the slots the long ones leave (longest
+    processing time first), instead of one long trial running alone at the end of the sweep."""
+    tokens = {n: sum(map(len, t.train["input_ids"])) for n, t in tasks.items()}
+    groups = [(n, m) for n in tasks for m in methods]  # sorted() is stable: ties keep the spec's order
+    return sorted(groups, key=lambda g: -tokens[g[0]] * passes_per_epoch(g[1]))
 
 
 def _fill_the_cluster(spec: SweepSpec) -> None:
