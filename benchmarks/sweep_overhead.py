@@ -89,8 +89,8 @@ def main() -> None:
     job = Job(model_path=str(model), task=task, metric="eval_accuracy", evals_per_epoch=2, cpus_per_trial=cpus)
     t0 = time.perf_counter()
     for lr in lrs:
-        config = {"method": "dynsdpb", "learning_rate": lr, "num_train_epochs": 1, "per_device_train_batch_size": 16,
-                  "alpha0": 1.0, "tau0": 3.0, "lambda_alpha": 1.0, "lambda_tau": 0.5}
+        config = {"task": "rte", "method": "dynsdpb", "learning_rate": lr, "num_train_epochs": 1,
+                  "per_device_train_batch_size": 16, "alpha0": 1.0, "tau0": 3.0, "lambda_alpha": 1.0, "lambda_tau": 0.5}
         fit(config, job, train, dev, lambda m, c: None, None, str(work / "base" / str(lr)))
     baseline = time.perf_counter() - t0
 
