@@ -94,12 +94,17 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+from benchmarks.timing import (fmt_iqr, machine_cpu_s, print_table, proc_status_kib,  # noqa: E402
+                               ratio_stats, reset_peak_rss, ru_maxrss_bytes, write_json)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -115,6 +120,8 @@ TARGETS = {  # name -> (description, limit)
     "time_vanilla_vs_plain": ("vanilla / plain Trainer step time", 1.02),
 }
 MEM_MARK = "STEP_OVERHEAD_MEMORY "
+RATIOS = {"dynsdpb/vanilla": ("dynsdpb", "vanilla"), "dlb/vanilla": ("dlb", "vanilla"),
+          "vanilla/plain": ("vanilla", "plain")}  # name -> (numerator, denominator)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -229,14 +236,66 @@ class StepClock:
         return _Clock()
 
 
-def system_cpu_busy() -> float | None:
-    """Seconds of CPU the whole machine has spent busy so far (all cores), or None without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+# -- memory (first: measured in fresh processes while this one is small) -----------------------
+def memory_only(a) -> None:
+    """The --only run: one variant, fresh process, one train() call; prints a JSON line.
+
+    Peak RSS comes from VmHWM, the high-water mark of this process's own address space. On Linux
+    ``ru_maxrss`` is not that: a child starts from the RSS its parent had when it forked (and
+    execve keeps it), so a child of a big parent reports the parent's size. It is recorded too.
+    """
+    import torch
+
+    torch.set_num_threads(a.threads)
+    kib = 1024
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = make_trainer(a.only, make_model(), make_dataset(dataset_size(a), a.seq_len), a, out_dir)
+        # Every step after the first has the same footprint (AdamW state exists from step 1 on; dlb/dynsdpb
+        # distil from step 2 on), so two steps after the warm-up ones reach the peak.
+        trainer.args.max_steps = a.warmup_steps + 2
+        if a.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        setup_peak = proc_status_kib("VmHWM")
+        rss_before = proc_status_kib("VmRSS")
+        reset = reset_peak_rss()
+        trainer.train()
+        train_peak = proc_status_kib("VmHWM")
+    ru = ru_maxrss_bytes()
+    if train_peak is None:  # not Linux: ru_maxrss is all there is
+        rec = {"peak_rss_bytes": ru, "train_rss_increase_bytes": None, "peak_source": "ru_maxrss"}
+    else:
+        peak = max(setup_peak, train_peak) if reset else train_peak
+        rec = {"peak_rss_bytes": peak * kib, "peak_source": "VmHWM",
+               "setup_peak_rss_bytes": setup_peak * kib, "rss_before_train_bytes": rss_before * kib,
+               "train_peak_rss_bytes": train_peak * kib if reset else None,
+               "train_rss_increase_bytes": (train_peak - rss_before) * kib if reset else None}
+    rec = {"variant": a.only, **rec, "ru_maxrss_bytes": ru}
+    if a.device == "cuda":
+        rec["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    print(MEM_MARK + json.dumps(rec), flush=True)
+
+
+def measure_memory(a) -> dict:
+    """``--memory-repeats`` rounds of one fresh process per variant; per variant the run with the
+    median peak (CUDA: max allocated) is kept, with every sample under ``samples``."""
+    key = "cuda_max_memory_allocated_bytes" if a.device == "cuda" else "peak_rss_bytes"
+    runs = {v: [] for v in VARIANTS}
+    flags = ["--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
+             "--warmup-steps", str(a.warmup_steps), "--threads", str(a.threads), "--device", a.device]
+    for r in range(a.memory_repeats):
+        for v in VARIANTS:
+            print(f"memory: fresh process for {v} ({r + 1}/{a.memory_repeats})", flush=True)
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", v, *flags],
+                                  capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEM_MARK)]
+            if proc.returncode or not lines:
+                raise RuntimeError(f"memory run for {v} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            runs[v].append(json.loads(lines[-1][len(MEM_MARK):]))
+    out = {}
+    for v, recs in runs.items():
+        recs = sorted(recs, key=lambda rec: rec[key])
+        out[v] = {**recs[(len(recs) - 1) // 2], "samples": [rec[key] for rec in recs]}
+    return out
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -270,7 +329,7 @@ def time_steps(a, out_dir: str) -> dict:
         one_call(v, steps=1)
     runs = {v: {"wall": [], "cpu": []} for v in VARIANTS}  # per repeat: list of per-step seconds
     load = []
-    busy0, wall0, self_cpu0 = system_cpu_busy(), time.perf_counter(), time.process_time()
+    machine0, wall0, self_cpu0 = machine_cpu_s(), time.perf_counter(), time.process_time()
     for r in range(a.repeats):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
         for v in order:
@@ -281,13 +340,12 @@ def time_steps(a, out_dir: str) -> dict:
         print(f"repeat {r + 1}/{a.repeats}: " + "  ".join(
             f"{v} {statistics.fmean(runs[v]['wall'][-1]):.3f}s" for v in VARIANTS)
             + f"   (load avg 1 min {load[-1]:.2f})", flush=True)
-    busy1, wall1, self_cpu1 = system_cpu_busy(), time.perf_counter(), time.process_time()
+    machine1, wall1, self_cpu1 = machine_cpu_s(), time.perf_counter(), time.process_time()
     machine = {"loadavg_1min_per_repeat": load}
-    if busy0 is not None:
-        elapsed = wall1 - wall0
-        ncpu = os.cpu_count() or 1
-        machine["cpu_busy_fraction_all"] = (busy1 - busy0) / (elapsed * ncpu)
-        machine["cpu_busy_fraction_others"] = max(0.0, (busy1 - busy0) - (self_cpu1 - self_cpu0)) / (elapsed * ncpu)
+    if machine0 is not None:
+        busy, capacity = machine1[0] - machine0[0], (wall1 - wall0) * (os.cpu_count() or 1)
+        machine["cpu_busy_fraction_all"] = busy / capacity
+        machine["cpu_busy_fraction_others"] = max(0.0, busy - (self_cpu1 - self_cpu0)) / capacity
 
     components = None if a.skip_components else time_components(a, trainers, dataset)
     return {"runs": runs, "machine_during_timing": machine, "components": components,
@@ -365,108 +423,7 @@ def time_components(a, trainers: dict, dataset) -> dict:
     return out
 
 
-# -- memory ------------------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in KiB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def memory_only(a) -> None:
-    """The --only run: one variant, fresh process, one train() call; prints a JSON line.
-
-    Peak RSS comes from VmHWM, the high-water mark of this process's own address space. On Linux
-    ``ru_maxrss`` is not that: a child starts from the RSS its parent had when it forked (and
-    execve keeps it), so a child of a big parent reports the parent's size. It is recorded too.
-    """
-    import torch
-
-    torch.set_num_threads(a.threads)
-    kib = 1024
-    with tempfile.TemporaryDirectory() as out_dir:
-        trainer = make_trainer(a.only, make_model(), make_dataset(dataset_size(a), a.seq_len), a, out_dir)
-        # Every step after the first has the same footprint (AdamW state exists from step 1 on; dlb/dynsdpb
-        # distil from step 2 on), so two steps after the warm-up ones reach the peak.
-        trainer.args.max_steps = a.warmup_steps + 2
-        if a.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        setup_peak = _proc_status_kib("VmHWM")
-        rss_before = _proc_status_kib("VmRSS")
-        reset = _reset_peak_rss()
-        trainer.train()
-        train_peak = _proc_status_kib("VmHWM")
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else kib)
-    if train_peak is None:  # not Linux: ru_maxrss is all there is
-        rec = {"peak_rss_bytes": ru, "train_rss_increase_bytes": None, "peak_source": "ru_maxrss"}
-    else:
-        peak = max(setup_peak, train_peak) if reset else train_peak
-        rec = {"peak_rss_bytes": peak * kib, "peak_source": "VmHWM",
-               "setup_peak_rss_bytes": setup_peak * kib, "rss_before_train_bytes": rss_before * kib,
-               "train_peak_rss_bytes": train_peak * kib if reset else None,
-               "train_rss_increase_bytes": (train_peak - rss_before) * kib if reset else None}
-    rec = {"variant": a.only, **rec, "ru_maxrss_bytes": ru}
-    if a.device == "cuda":
-        rec["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    print(MEM_MARK + json.dumps(rec), flush=True)
-
-
-def measure_memory(a) -> dict:
-    """``--memory-repeats`` rounds of one fresh process per variant; per variant the run with the
-    median peak (CUDA: max allocated) is kept, with every sample under ``samples``."""
-    key = "cuda_max_memory_allocated_bytes" if a.device == "cuda" else "peak_rss_bytes"
-    runs = {v: [] for v in VARIANTS}
-    flags = ["--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
-             "--warmup-steps", str(a.warmup_steps), "--threads", str(a.threads), "--device", a.device]
-    for r in range(a.memory_repeats):
-        for v in VARIANTS:
-            print(f"memory: fresh process for {v} ({r + 1}/{a.memory_repeats})", flush=True)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only", v, *flags],
-                                  capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEM_MARK)]
-            if proc.returncode or not lines:
-                raise RuntimeError(f"memory run for {v} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            runs[v].append(json.loads(lines[-1][len(MEM_MARK):]))
-    out = {}
-    for v, recs in runs.items():
-        recs = sorted(recs, key=lambda rec: rec[key])
-        out[v] = {**recs[(len(recs) - 1) // 2], "samples": [rec[key] for rec in recs]}
-    return out
-
-
 # -- report ------------------------------------------------------------------------------------
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
-
-
-def median_ci95(xs: list[float], resamples: int = 4000) -> tuple[float, float]:
-    """Percentile-bootstrap 95 % interval of the median (fixed seed, so a report re-prints the same)."""
-    import random
-
-    rnd = random.Random(0)
-    meds = sorted(statistics.median(rnd.choices(xs, k=len(xs))) for _ in range(resamples))
-    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
-
-
 def summarize(a, timing: dict, memory: dict | None) -> dict:
     runs = timing["runs"]
     per_repeat = {v: [statistics.fmean(x) for x in runs[v]["wall"]] for v in VARIANTS}
@@ -474,21 +431,9 @@ def summarize(a, timing: dict, memory: dict | None) -> dict:
     step = {v: {"median_s": statistics.median(per_repeat[v]), "min_s": min(per_repeat[v]),
                 "median_cpu_s": statistics.median(per_repeat_cpu[v])} for v in VARIANTS}
 
-    def ratio(num, den, table):
-        xs = [x / y for x, y in zip(table[num], table[den])]
-        q1, med, q3 = quartiles(xs)
-        lo, hi = median_ci95(xs)
-        return {"median": med, "q1": q1, "q3": q3, "ci95_lo": lo, "ci95_hi": hi, "n": len(xs)}
-
-    ratios = {"dynsdpb/vanilla": ratio("dynsdpb", "vanilla", per_repeat),
-              "dlb/vanilla": ratio("dlb", "vanilla", per_repeat),
-              "vanilla/plain": ratio("vanilla", "plain", per_repeat)}
-    ratios_cpu = {"dynsdpb/vanilla": ratio("dynsdpb", "vanilla", per_repeat_cpu),
-                  "dlb/vanilla": ratio("dlb", "vanilla", per_repeat_cpu),
-                  "vanilla/plain": ratio("vanilla", "plain", per_repeat_cpu)}
-    ratios_of_min = {k: step[n]["min_s"] / step[d]["min_s"] for k, (n, d) in
-                     {"dynsdpb/vanilla": ("dynsdpb", "vanilla"), "dlb/vanilla": ("dlb", "vanilla"),
-                      "vanilla/plain": ("vanilla", "plain")}.items()}
+    ratios = {k: ratio_stats(per_repeat[n], per_repeat[d]) for k, (n, d) in RATIOS.items()}
+    ratios_cpu = {k: ratio_stats(per_repeat_cpu[n], per_repeat_cpu[d]) for k, (n, d) in RATIOS.items()}
+    ratios_of_min = {k: step[n]["min_s"] / step[d]["min_s"] for k, (n, d) in RATIOS.items()}
     res = {"step_time": step, "ratios_wall": ratios, "ratios_cpu": ratios_cpu, "ratios_of_min_wall": ratios_of_min,
            "clock": a.clock}
     judged = ratios if a.clock == "wall" else ratios_cpu
@@ -522,11 +467,6 @@ def summarize(a, timing: dict, memory: dict | None) -> dict:
 
 
 def print_report(a, timing, memory, summary) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
     mib = 2 ** 20
     judged, other = ("wall", "cpu") if a.clock == "wall" else ("cpu", "wall")
     head = ["variant", "median step s", "min step s", "median CPU s/step", f"x vanilla, {judged} clock (IQR)"]
@@ -540,10 +480,9 @@ def print_report(a, timing, memory, summary) -> None:
             rel = "1"
         elif v == "plain":
             r = summary[f"ratios_{judged}"]["vanilla/plain"]
-            rel = f"vanilla/plain {r['median']:.3f} ({r['q1']:.3f}-{r['q3']:.3f})"
+            rel = f"vanilla/plain {fmt_iqr(r)}"
         else:
-            r = summary[f"ratios_{judged}"][f"{v}/vanilla"]
-            rel = f"{r['median']:.3f} ({r['q1']:.3f}-{r['q3']:.3f})"
+            rel = fmt_iqr(summary[f"ratios_{judged}"][f"{v}/vanilla"])
         row = [v, f"{s['median_s']:.3f}", f"{s['min_s']:.3f}", f"{s['median_cpu_s']:.3f}", rel]
         if memory:
             m = memory[v]
@@ -555,21 +494,9 @@ def print_report(a, timing, memory, summary) -> None:
         rows.append(row)
     title = (f"Step overhead: B={a.batch_size}, seq {a.seq_len}, {a.steps} timed steps x {a.repeats} repeats, "
              f"{a.device}, {timing['threads']} threads")
-    if Console:
-        t = Table(title=title)
-        for h in head:
-            t.add_column(h, justify="left" if h == "variant" else "right")
-        for row in rows:
-            t.add_row(*row)
-        Console(width=160).print(t)
-    else:
-        print(title)
-        print(" | ".join(head))
-        for row in rows:
-            print(" | ".join(row))
-    rc = summary[f"ratios_{other}"]
+    print_table(title, head, rows)
     print(f"{other}-clock ratios (median of repeats, IQR): " + ", ".join(
-        f"{k} {v['median']:.3f} ({v['q1']:.3f}-{v['q3']:.3f})" for k, v in rc.items()))
+        f"{k} {fmt_iqr(r)}" for k, r in summary[f"ratios_{other}"].items()))
     print("ratios of the fastest repeats (wall): "
           + ", ".join(f"{k} {v:.3f}" for k, v in summary["ratios_of_min_wall"].items()))
     if summary.get("component_overhead"):
@@ -651,11 +578,9 @@ def main(argv=None) -> int:
         env = {"python": platform.python_version(), "torch": torch.__version__,
                "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
                "platform": platform.platform(), "processor": platform.processor()}
-        with open(a.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(a).items() if k not in ("only", "from_json")}, "env": env,
-                       "timing": timing,
-                       "memory": memory, "summary": summary, "targets": TARGETS, "total_s": time.time() - t0},
-                      f, indent=1)
+        write_json(a.json, {"args": {k: v for k, v in vars(a).items() if k not in ("only", "from_json")},
+                            "env": env, "timing": timing, "memory": memory, "summary": summary, "targets": TARGETS,
+                            "total_s": time.time() - t0}, indent=1)
     return 0
 
 

@@ -17,7 +17,6 @@ driver process, and the summed RSS of Ray's processes at the end of the sweep.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -58,11 +57,10 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
 
-    import resource
-
     import yaml
 
     import helpers
+    from benchmarks.timing import ru_maxrss_bytes, write_json
     from tune_dynsdpb.data import load_task, tokenize_task
     from tune_dynsdpb.run import load_model
 
@@ -91,8 +89,8 @@ def main() -> None:
     job = Job(model_path=str(model), task=task, metric="eval_accuracy", evals_per_epoch=2, cpus_per_trial=cpus)
     t0 = time.perf_counter()
     for lr in lrs:
-        config = {"method": "dynsdpb", "learning_rate": lr, "num_train_epochs": 1, "per_device_train_batch_size": 16,
-                  "alpha0": 1.0, "tau0": 3.0, "lambda_alpha": 1.0, "lambda_tau": 0.5}
+        config = {"task": "rte", "method": "dynsdpb", "learning_rate": lr, "num_train_epochs": 1,
+                  "per_device_train_batch_size": 16, "alpha0": 1.0, "tau0": 3.0, "lambda_alpha": 1.0, "lambda_tau": 0.5}
         fit(config, job, train, dev, lambda m, c: None, None, str(work / "base" / str(lr)))
     baseline = time.perf_counter() - t0
 
@@ -109,7 +107,7 @@ def main() -> None:
     sweep = time.perf_counter() - t1
     ray_mem = rss_mb(ray_pids())
     ray.shutdown()
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    driver_peak = ru_maxrss_bytes() / 2**20
 
     per_trial = (sweep - baseline) / a.trials
     figures = {"trials": a.trials, "cpus": cpus, "baseline_s": baseline, "sweep_s": sweep, "ray_start_s": ray_start,
@@ -121,7 +119,7 @@ def main() -> None:
     print(f"  overhead per trial   : {per_trial:7.2f} s   target <= 3 s: {'PASS' if per_trial <= 3 else 'FAIL'}")
     print(f"  driver peak RSS      : {driver_peak:7.0f} MiB;  Ray processes RSS: {ray_mem:.0f} MiB")
     if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=2))
+        write_json(a.json, figures)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import os
 import platform
 import resource
@@ -65,6 +64,7 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
+from benchmarks.timing import machine_cpu_s, write_json  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 METHODS = ["vanilla", "dlb", "dynsdpb"]
@@ -121,7 +121,7 @@ class RaySampler(threading.Thread):
         self.last: dict[int, float] = {}
         self.own_cpu = 0.0
         self.stop = threading.Event()
-        self.machine0 = psutil.cpu_times()
+        self.machine0 = machine_cpu_s()
         self._sample()
 
     def _sample(self) -> None:
@@ -143,12 +143,10 @@ class RaySampler(threading.Thread):
     def finish(self) -> dict:
         self.stop.set()
         self.join()
-        m1 = self.psutil.cpu_times()
-        busy = lambda c: c.user + c.nice + c.system + getattr(c, "irq", 0) + getattr(c, "softirq", 0) + getattr(c, "steal", 0)  # noqa: E731
-        total = lambda c: busy(c) + c.idle + getattr(c, "iowait", 0)  # noqa: E731
-        span = total(m1) - total(self.machine0)
+        (busy0, total0), (busy1, total1) = self.machine0, machine_cpu_s()
+        span = total1 - total0
         return {"ray_processes_cpu_s": sum(self.last[p] - self.first[p] for p in self.last),
-                "machine_busy_fraction": (busy(m1) - busy(self.machine0)) / span if span > 0 else None,
+                "machine_busy_fraction": (busy1 - busy0) / span if span > 0 else None,
                 "sampler_cpu_s": self.own_cpu}
 
 
@@ -403,7 +401,7 @@ def main() -> None:
     figures["load_average_end"] = os.getloadavg()
     ray.shutdown()
     if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=2, default=str))
+        write_json(a.json, figures)
 
 
 if __name__ == "__main__":

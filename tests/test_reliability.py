@@ -489,61 +489,60 @@ def register(client, name: str, source: Path) -> None:
     client.set_registered_model_alias(name, "champion", v.version)
 
 
-def test_export_refuses_a_class_outside_transformers(tiny_bert, tmp_path, capsys):
-    """The registry is trusted for weights, never for code: a model version whose MLmodel names a
-    class of another package is refused, and that package is never imported."""
-    pkg = tmp_path / "pkgs"
+EXPORT_REFUSALS = {  # id: (registered name, MLmodel transformers-flavor fields, config.json keys, the refusal)
+    "model class outside transformers": ("evil-model", {"pipeline_model_type": "evilpkg.Evil"}, {},
+                                         "model class 'evilpkg.Evil' is not in the transformers package"),
+    "tokenizer class outside transformers": ("evil-tok", {"tokenizer_type": "evilpkg.Evil"}, {},
+                                             "tokenizer class 'evilpkg.Evil' is not in the transformers package"),
+    "pipeline class outside transformers": ("evil-pipe", {"instance_type": "Evil"}, {},
+                                            "pipeline class 'Evil' is not in the transformers package"),
+    "a tokenizer as the model class": ("not-a-model", {"pipeline_model_type": "AutoTokenizer"}, {},
+                                       "model class 'AutoTokenizer' is not in the transformers package"),
+    "auto_map": ("automap", {}, {"auto_map": {"AutoModelForSequenceClassification": "modeling_evil.Evil"}},
+                 "config.json asks for code shipped with the model (auto_map)"),
+    "weights on the hub": ("hub", {"model_binary": None, "source_model_name": "someone/model"}, {},
+                           "holds no model weights (it would load them from 'someone/model' on the hub)"),
+    "PEFT adapter": ("adapter", {"peft_adaptor": "peft"}, {},
+                     "its transformers flavor loads a PEFT adapter over a base model outside the artifacts "
+                     "(peft_adaptor)"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_models(tiny_bert, tmp_path_factory):
+    """One registry holding a model version for every EXPORT_REFUSALS case, and a package
+    ``evilpkg`` on ``sys.path`` whose import writes a marker file: (tracking URI, marker)."""
+    root = tmp_path_factory.mktemp("refused")
+    pkg = root / "pkgs"
     (pkg / "evilpkg").mkdir(parents=True)
-    marker = tmp_path / "imported"
+    marker = root / "imported"
     (pkg / "evilpkg" / "__init__.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\nclass Evil:\n    pass\n")
+    uri, client = registry(root)
+    for name, flavor, config_keys, _ in EXPORT_REFUSALS.values():
+        folder = hand_written_model(root / name, tiny_bert, **flavor)
+        if config_keys:
+            config = folder / "model" / "config.json"
+            config.write_text(json.dumps({**json.loads(config.read_text()), **config_keys}))
+        register(client, name, folder)
     sys.path.insert(0, str(pkg))
     try:
-        uri, client = registry(tmp_path)
-        for name, flavor in (("evil-model", {"pipeline_model_type": "evilpkg.Evil"}),
-                             ("evil-tok", {"tokenizer_type": "evilpkg.Evil"}),
-                             ("evil-pipe", {"instance_type": "Evil"}),
-                             ("not-a-model", {"pipeline_model_type": "AutoTokenizer"})):
-            register(client, name, hand_written_model(tmp_path / name, tiny_bert, **flavor))
-        out = tmp_path / "hf"
-        rejected(capsys, ["export", "--model", "models:/evil-model@champion", "--out", out, "--tracking-uri", uri],
-                 "--model: models:/evil-model@champion: model class 'evilpkg.Evil' is not in the transformers "
-                 "package; refusing to load it")
-        rejected(capsys, ["export", "--model", "models:/evil-tok@champion", "--out", out, "--tracking-uri", uri],
-                 "--model: models:/evil-tok@champion: tokenizer class 'evilpkg.Evil' is not in the transformers "
-                 "package; refusing to load it")
-        rejected(capsys, ["export", "--model", "models:/evil-pipe@champion", "--out", out, "--tracking-uri", uri],
-                 "--model: models:/evil-pipe@champion: pipeline class 'Evil' is not in the transformers "
-                 "package; refusing to load it")
-        rejected(capsys, ["export", "--model", "models:/not-a-model@champion", "--out", out, "--tracking-uri", uri],
-                 "--model: models:/not-a-model@champion: model class 'AutoTokenizer' is not in the transformers "
-                 "package; refusing to load it")
-        assert not marker.exists() and "evilpkg" not in sys.modules
-        nothing_left(tmp_path, out)
+        yield uri, marker
     finally:
         sys.path.remove(str(pkg))
 
 
-def test_export_refuses_custom_code_and_outside_weights(tiny_bert, tmp_path, capsys):
-    uri, client = registry(tmp_path)
-    folder = hand_written_model(tmp_path / "automap", tiny_bert)
-    config = json.loads((folder / "model" / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.Evil"}
-    (folder / "model" / "config.json").write_text(json.dumps(config))
-    register(client, "automap", folder)
-    register(client, "hub", hand_written_model(tmp_path / "hub", tiny_bert, model_binary=None,
-                                               source_model_name="someone/model"))
-    register(client, "adapter", hand_written_model(tmp_path / "adapter", tiny_bert, peft_adaptor="peft"))
+@pytest.mark.parametrize("case", list(EXPORT_REFUSALS))
+def test_export_refuses_to_load(case, refused_models, tmp_path, capsys):
+    """The registry is trusted for weights, never for code: a model version whose MLmodel names a
+    class of another package, whose config asks for code shipped with the model, or whose weights
+    lie outside its artifacts is refused, nothing is written, and no other package is imported."""
+    name, _, _, refusal = EXPORT_REFUSALS[case]
+    uri, marker = refused_models
     out = tmp_path / "hf"
-    rejected(capsys, ["export", "--model", "models:/automap@champion", "--out", out, "--tracking-uri", uri],
-             "--model: models:/automap@champion: config.json asks for code shipped with the model (auto_map); "
-             "refusing to load it")
-    rejected(capsys, ["export", "--model", "models:/hub@champion", "--out", out, "--tracking-uri", uri],
-             "--model: models:/hub@champion: holds no model weights (it would load them from 'someone/model' on "
-             "the hub); refusing to load it")
-    rejected(capsys, ["export", "--model", "models:/adapter@champion", "--out", out, "--tracking-uri", uri],
-             "--model: models:/adapter@champion: its transformers flavor loads a PEFT adapter over a base model "
-             "outside the artifacts (peft_adaptor); refusing to load it")
+    rejected(capsys, ["export", "--model", f"models:/{name}@champion", "--out", out, "--tracking-uri", uri],
+             f"--model: models:/{name}@champion: {refusal}; refusing to load it")
+    assert not marker.exists() and "evilpkg" not in sys.modules
     nothing_left(tmp_path, out)
 
 

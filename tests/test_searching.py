@@ -199,28 +199,38 @@ SEQUENCE = [(("rte", "dlb"), "rte1", 0.80), (("rte", "dlb"), "rte2", 0.90), (("c
             (("cola", "dlb"), "cola2", 0.20)]
 
 
-def test_one_shared_asha_would_stop_the_other_groups_best_trial():
-    shared = ASHAScheduler(time_attr="training_iteration", metric=R.OBJECTIVE, mode="max", max_t=4,
-                           grace_period=1, reduction_factor=2)
-    trials = {tid: trial(*g, tid) for g, tid, _ in SEQUENCE}
-    for t in trials.values():
-        shared.on_trial_add(FakeController(), t)
-    actions = {tid: report(shared, trials[tid], 1, v) for _, tid, v in SEQUENCE}
-    assert actions == {"rte1": TrialScheduler.CONTINUE, "rte2": TrialScheduler.CONTINUE,
-                       "cola1": TrialScheduler.STOP, "cola2": TrialScheduler.STOP}
-
-
-def test_grouped_asha_compares_a_trial_with_its_own_group_only():
-    spec = make_spec()
-    sched = create_scheduler(spec, [("rte", "dlb"), ("cola", "dlb")])
-    assert all(s._max_t == 4 for s in sched.schedulers.values())  # 2 epochs x 2 evaluations
+def first_rung(sched) -> tuple[dict, dict]:
+    """Adds SEQUENCE's trials to ``sched`` and reports each once at t=1, in SEQUENCE's order:
+    the trials and the scheduler's action for each, by trial id."""
     trials = {tid: trial(*g, tid) for g, tid, _ in SEQUENCE}
     for t in trials.values():
         sched.on_trial_add(FakeController(), t)
-    actions = {tid: report(sched, trials[tid], 1, v) for _, tid, v in SEQUENCE}
+    return trials, {tid: report(sched, trials[tid], 1, v) for _, tid, v in SEQUENCE}
+
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+@pytest.mark.parametrize("make_scheduler, expected", [
+    # one ASHA over both groups ranks cola's best trial (0.30) against rte's accuracies and stops it
+    pytest.param(lambda: ASHAScheduler(time_attr="training_iteration", metric=R.OBJECTIVE, mode="max", max_t=4,
+                                       grace_period=1, reduction_factor=2),
+                 {"rte1": CONTINUE, "rte2": CONTINUE, "cola1": STOP, "cola2": STOP},
+                 id="one-shared-asha-stops-the-other-groups-best-trial"),
     # cola1 is cola's best: it continues; cola2 is below cola1 and stops, as ASHA should
-    assert actions == {"rte1": TrialScheduler.CONTINUE, "rte2": TrialScheduler.CONTINUE,
-                       "cola1": TrialScheduler.CONTINUE, "cola2": TrialScheduler.STOP}
+    pytest.param(lambda: create_scheduler(make_spec(), [("rte", "dlb"), ("cola", "dlb")]),
+                 {"rte1": CONTINUE, "rte2": CONTINUE, "cola1": CONTINUE, "cola2": STOP},
+                 id="grouped-asha-compares-a-trial-with-its-own-group-only"),
+])
+def test_asha_first_rung(make_scheduler, expected):
+    _, actions = first_rung(make_scheduler())
+    assert actions == expected
+
+
+def test_grouped_asha_keeps_each_group_in_its_own_bracket():
+    sched = create_scheduler(make_spec(), [("rte", "dlb"), ("cola", "dlb")])
+    assert all(s._max_t == 4 for s in sched.schedulers.values())  # 2 epochs x 2 evaluations
+    trials, _ = first_rung(sched)  # its actions: test_asha_first_rung[grouped-asha-...]
     # cola1 goes on to the next rung and to the end; rte's trials never enter its bracket
     assert report(sched, trials["cola1"], 2, 0.35) == TrialScheduler.CONTINUE
     assert report(sched, trials["rte1"], 2, 0.82) == TrialScheduler.CONTINUE  # first at rung 2 of rte
