@@ -615,3 +615,29 @@ def test_sweep_with_a_diverged_arm_exits_1(ray_session, tiny_bert, data_dir, tmp
     assert len(lines) == 1 and re.fullmatch(r"tune-dynsdpb: no scored trial: rte/dlb: 1 of 1 trials failed: training "
                                             r"diverged: non-finite \w+ at step \d+", lines[0]), err
     assert json.loads((out / "sweep.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_a_reused_trial_actor_hands_freed_memory_back():
+    """Tune runs each trial of a reused actor in a new thread, and glibc keeps what a finished
+    thread freed; ``release_memory`` (called when every trial ends) returns it to the OS."""
+    import threading
+
+    from trainables.dynsdpb import release_memory
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    kept = []
+
+    def trial():
+        blocks = [bytearray(b"x" * 100_000) for _ in range(3000)]  # 300 MB below the mmap threshold
+        kept.extend(blocks[::100])  # a few survivors pin the heap's top, as a trial's leftovers do
+        del blocks
+
+    thread = threading.Thread(target=trial)
+    thread.start()
+    thread.join()
+    held = rss()
+    release_memory()
+    assert held - rss() > 200 * 2**20

@@ -163,13 +163,32 @@ def train_dynsdpb(config: dict, jobs: dict[str, Job], data: dict[str, tuple]) ->
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
-    with tempfile.TemporaryDirectory(prefix="dynsdpb-trial-") as work:
-        resume = None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:  # a retry: continue from the last reported checkpoint
-            resume = checkpoint.to_directory(os.path.join(work, "restored"))
-            resume = shutil.copytree(resume, os.path.join(work, "out", f"checkpoint-{_step_of(resume)}"))
-        fit(config, job, train_dataset, eval_dataset, report, resume, os.path.join(work, "out"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="dynsdpb-trial-") as work:
+            resume = None
+            checkpoint = tune.get_checkpoint()
+            if checkpoint is not None:  # a retry: continue from the last reported checkpoint
+                resume = checkpoint.to_directory(os.path.join(work, "restored"))
+                resume = shutil.copytree(resume, os.path.join(work, "out", f"checkpoint-{_step_of(resume)}"))
+            fit(config, job, train_dataset, eval_dataset, report, resume, os.path.join(work, "out"))
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hands the finished trial's freed heap back to the OS. Tune reuses the actor for the next
+    trial, in a new thread; glibc keeps what a thread freed in that thread's arena, so without this
+    a reused actor grew by about its peak (1.5 GB for MiniLM at length 256) with every trial, to
+    8 GB after six trials of the real-data sweep. No-op where libc has no ``malloc_trim``."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
 
 
 def _step_of(checkpoint_dir: str) -> int:
