@@ -334,3 +334,26 @@ def test_grad_norm_logging_per_layer(tiny_bert, tmp_path):
     keys = {k for k in logged[0] if k.startswith("grad_norm/")}
     assert keys == {"grad_norm/embeddings", "grad_norm/layer_00", "grad_norm/layer_01", "grad_norm/head"}
     assert all(logged[0][k] > 0 for k in keys)
+
+
+def test_the_last_report_carries_the_last_steps_training_stats(tiny_bert, data_dir, tmp_path):
+    """The trial's reports (trainables.dynsdpb.fit, no Ray): 64 samples, batch 16, dlb: 8 steps,
+    evaluations (and logs) every 3, so the last step (8) is no multiple of logging_steps. Its report
+    must hold step 8's training log (its learning rate), not step 6's again."""
+    from sweeps import spec_file
+    from trainables.dynsdpb import fit
+    from tune_dynsdpb.experiment import prepare_tasks
+    from tune_dynsdpb.search_space import load_search_space
+
+    spec = load_search_space(spec_file(tmp_path, tiny_bert, name="last", methods=["dynsdpb"],
+                                       budget={"evals_per_epoch": 3}))
+    (prepared,) = prepare_tasks(spec, str(tiny_bert), tmp_path / "cache", "spec", data_dir=str(data_dir)).values()
+    reports = []
+    config = {"task": "rte", "method": "dynsdpb", "learning_rate": 1e-3, "num_train_epochs": 1,
+              "per_device_train_batch_size": 16, "lr_scheduler_type": "linear"}
+    fit(config, prepared.job, prepared.train, prepared.eval, lambda m, ckpt: reports.append(m), None,
+        str(tmp_path / "out"))
+    assert [r["step"] for r in reports] == [3, 6, 8] and reports[-1]["final"]
+    lrs = [r["learning_rate"] for r in reports]
+    assert lrs == pytest.approx([1e-3 * 6 / 8, 1e-3 * 3 / 8, 1e-3 / 8]), lrs  # linear decay, as of steps 3, 6, 8
+    assert reports[-1]["alpha_mean"] != reports[-2]["alpha_mean"] or reports[-1]["u_mean"] != reports[-2]["u_mean"]

@@ -78,8 +78,10 @@ class _TuneReporter(TrainerCallback):
         self.train_log: dict = {}
 
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= state.max_steps:  # always evaluate and checkpoint at the very end
-            control.should_evaluate = control.should_save = True
+        # always log, evaluate and checkpoint at the very end: without the log, a last step that is
+        # not a multiple of logging_steps would be reported with the previous log's training stats
+        if state.global_step >= state.max_steps:
+            control.should_log = control.should_evaluate = control.should_save = True
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
