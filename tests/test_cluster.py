@@ -85,25 +85,32 @@ ray.init(address=cluster.address)
 out = Path({out!r})
 removed, ended = [], threading.Event()
 
-def trials_mid_run():
-    # trials with a checkpoint to come back from and 10 or more of their 20 reports still to come.
-    # A trial writes one checkpoint a report, and a finished one is pruned to its best, so 2 to 10
-    # checkpoints mean a trial still running. (result.json is written buffered: its lines lag.)
-    counts = {{d.name: len(list(d.glob("checkpoint_*"))) for d in out.glob("ray/sweep/train_*")}}
-    return sorted(name for name, n in counts.items() if 2 <= n <= 10)
+def training_on(node):
+    # the node's worker processes, and whether one of them is inside a trial's `train` call: Ray
+    # titles a busy actor "ray::Class.method" and an idle one "ray::Class"
+    workers = psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True)
+    titles = []
+    for w in workers:
+        try:
+            titles.append(" ".join(w.cmdline()))
+        except psutil.Error:  # gone meanwhile
+            pass
+    return workers, any(t.startswith("ray::ImplicitFunc.train") for t in titles)
 
 def remove_a_node():
-    # while 3 trials run, one on each of the 3 one-CPU nodes, one node that is not the head goes
-    # (SIGKILL, no draining), and the trial on it with it
+    # once some trial has checkpoints to come back from, and a trial is training on a node that
+    # is not the head, that node goes (SIGKILL, no draining), and the trial with it
     deadline = time.time() + 300
     while time.time() < deadline and not ended.is_set():
-        running = trials_mid_run()
-        if len(running) == 3:
-            workers = psutil.Process(nodes[0].all_processes["raylet"][0].process.pid).children(recursive=True)
-            cluster.remove_node(nodes[0], allow_graceful=False)
-            time.sleep(3)  # the node's workers notice their raylet is gone and exit
-            removed.append({{"mid_run": running, "workers_left": sum(w.is_running() for w in workers)}})
-            return
+        started = any(len(list(d.glob("checkpoint_*"))) >= 2 for d in out.glob("ray/sweep/train_*"))
+        if started:
+            for node in nodes:
+                workers, busy = training_on(node)
+                if busy:
+                    cluster.remove_node(node, allow_graceful=False)
+                    time.sleep(3)  # the node's workers notice their raylet is gone and exit
+                    removed.append({{"workers_left": sum(w.is_running() for w in workers)}})
+                    return
         time.sleep(0.05)
 
 remover = threading.Thread(target=remove_a_node, daemon=True)
@@ -143,5 +150,4 @@ def test_a_node_lost_mid_sweep_costs_retries_not_budget(tiny_bert, data_dir, tmp
     runs = check_tree(client, "nodes", ["rte"], ["dlb", "dynsdpb"], 3)
     assert all(r.info.status == "FINISHED" for r in runs["trial"])
     retried = {r.data.tags["ray.trial_id"]: int(r.data.tags.get("tune_dynsdpb.retries", 0)) for r in runs["trial"]}
-    mid_run = [t for t in retried if any(f"_{t}_" in name for name in info["removed"][0]["mid_run"])]
-    assert len(mid_run) == 3 and sum(retried[t] for t in mid_run) >= 1, (retried, info)
+    assert sum(retried.values()) >= 1, retried  # the killed trial came back
