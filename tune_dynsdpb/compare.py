@@ -81,7 +81,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
 
     from .experiment import check_resources, create_trainable, init_ray, prepare_tasks
     from .files import staged_output
-    from .sweep import fit_tuner
+    from .sweep import create_loggers, fit_tuner
     from .tracking import SweepTracker, open_tracking_uri
 
     out = Path(sweep_dir).resolve()
@@ -138,7 +138,8 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
         tuner = tune.Tuner(
             create_trainable(spec_one, prepared, train_final), param_space=tune.grid_search(configs),
             tune_config=tune.TuneConfig(reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=state.storage_path, verbose=0, callbacks=[callback],
+            run_config=tune.RunConfig(name=name, storage_path=state.storage_path, verbose=0,
+                                      callbacks=[callback, *create_loggers()],
                                       failure_config=tune.FailureConfig(max_failures=2),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         try:

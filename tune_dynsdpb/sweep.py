@@ -207,7 +207,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
         experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
         table = ProgressTable(state, enabled=progress)
         callback = tracker.trial_callback(groups)
-        _fill_the_cluster(spec)
+        _configure_tune(spec)
         if resume and tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
         else:
@@ -263,7 +263,7 @@ def order_groups(tasks: dict, methods: Sequence[str]) -> list[tuple[str, str]]:
     return sorted(groups, key=lambda g: -tokens[g[0]] * passes_per_epoch(g[1]))
 
 
-def _fill_the_cluster(spec: SweepSpec) -> None:
+def _configure_tune(spec: SweepSpec) -> None:
     """With a search algorithm Tune keeps one pending trial by default; let it queue as many as
     the cluster has slots, so new trials start as fast as old ones end."""
     import ray
@@ -271,6 +271,29 @@ def _fill_the_cluster(spec: SweepSpec) -> None:
     cpus = ray.cluster_resources().get("CPU", 1)
     slots = int(cpus // max(spec.resources.cpus_per_trial, 1e-9)) or 1
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(slots, 2)))
+
+
+def create_loggers() -> list:
+    """The Tune loggers of our runs: the JSON log only (``result.json``, from which Tune reads a
+    trial's ``metrics_dataframe``). Tune's default CSV and TensorBoard loggers are left out while
+    :func:`fit_tuner` runs: every trial is tracked in MLflow, and the TensorBoard writer alone took
+    a quarter of the driver's loop at 32 results/s (``benchmarks/sweep_scale.py``). A user who
+    sets ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0`` gets them back."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    return [JsonLoggerCallback()]
+
+
+@contextlib.contextmanager
+def _without_default_loggers():
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # read by Tune when fit() starts
+    given = os.environ.get(key)
+    os.environ.setdefault(key, "1")
+    try:
+        yield
+    finally:
+        if given is None:
+            os.environ.pop(key, None)
 
 
 def create_tuner(spec: SweepSpec, groups: list, trainable, storage: str, callbacks: list, journal: str | None):
@@ -285,7 +308,7 @@ def create_tuner(spec: SweepSpec, groups: list, trainable, storage: str, callbac
             max_concurrent_trials=max_concurrent(spec), time_budget_s=spec.budget.time_budget_s,
             search_alg=create_searcher(spec, groups, storage_obj), scheduler=create_scheduler(spec, groups)),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=callbacks,
+            name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=[*callbacks, *create_loggers()],
             failure_config=tune.FailureConfig(max_failures=2),
             # num_to_keep=None: a bound would force an experiment snapshot every few reports
             # (benchmarks/sweep_scale.py); CheckpointPruner keeps a finished trial's best one
@@ -306,7 +329,8 @@ def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = No
     before = signal.getsignal(signal.SIGINT) if main else None
     start = time.monotonic()
     sigterm_as_interrupt()
-    grid = tuner.fit()
+    with _without_default_loggers():
+        grid = tuner.fit()
     interrupted = False
     if main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
         interrupted = signal.getsignal(signal.SIGINT) is before
