@@ -1,4 +1,10 @@
-"""trainables.distributed: one Tune trial = one 2-worker gloo DDP TorchTrainer run (real Ray).
+"""trainables.distributed's contract with Tune, on real Ray: one Tune trial = one 2-worker gloo
+DDP TorchTrainer run. The loop here is a minimal DDP regression, so that each property below is
+checked exactly (every worker's report reaches Tune, parameters stay in sync, a retry starts from
+the last checkpoint, a stopped trial frees its workers and files). The real ``DynSDPBTrainer`` on
+the same path (2 DDP workers as one trial of a real sweep, crashing once and resuming from its
+checkpoint) is ``tests/test_sweep.py::test_two_worker_trial_inside_tune``; the trainer's DDP
+semantics under ``torch.distributed.run`` are ``tests/test_ddp.py``.
 
 One Tuner run (module fixture) with 2 trials, each a 2-worker DDP run of ``ddp_loop``:
   * "steps=3": its workers fail once at step 1; Tune retries the trial from its step-0 checkpoint;

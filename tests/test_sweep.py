@@ -49,6 +49,10 @@ def test_multi_task_sweep_tree_state_and_checkpoints(tiny_sweep):
     assert len(trial_dirs) == 12
     for d in trial_dirs:
         assert len(list(d.glob("checkpoint_*"))) == 1, d
+        # Tune's JSON log only: no TensorBoard events or CSV beside MLflow (sweep.create_loggers)
+        assert (d / "result.json").stat().st_size > 0 and not list(d.glob("events.out.tfevents*")), d
+        assert not (d / "progress.csv").exists(), d
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ  # scoped to the sweep's fit
     with_optimizer = {p.parent for p in (out / "ray" / "sweep").rglob("optimizer.pt")}
     assert {Path(a.best.checkpoint) for a in state.arms.values()} == {Path(p).parent if p.name != p.parent.name
                                                                         else p for p in with_optimizer} or \
@@ -122,7 +126,9 @@ def test_arms_run_at_the_same_time_on_six_slots(tiny_bert, data_dir, tmp_path):
         last = max(client.get_metric_history(r.info.run_id, "time_total_s"), key=lambda m: m.timestamp)
         spans.append((r.data.tags["tune_dynsdpb.arm"], last.timestamp - 1000 * last.value, last.timestamp))
     overlapping = {(a, b) for a, s1, e1 in spans for b, s2, e2 in spans if a != b and s1 < e2 and s2 < e1}
-    assert {frozenset(p) for p in overlapping} >= {frozenset(("vanilla", "dlb")), frozenset(("dlb", "dynsdpb"))}, spans
+    # one Tuner per arm in sequence (the old design) never overlaps two arms; which pairs overlap
+    # here depends on when each trial actor finished starting on 2 busy cores
+    assert overlapping, spans
 
 
 # -- faults: crashes, divergence, signals ---------------------------------------------------------
@@ -232,16 +238,29 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
 
 
 def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path):
+    """The real trainer on 2 DDP workers (gloo) as one Tune trial, which crashes once after its
+    first checkpoint: Tune retries it from that checkpoint, and it ends at the single-run step."""
+    import ray
+
     from tune_dynsdpb.sweep import run_sweep
 
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    token = tmp_path / "crash.token"
+    token.write_text("")
     out = tmp_path / "sweep"
     spec = spec_file(tmp_path, tiny_bert, name="ddp", methods=["dynsdpb"], num_samples=1,
                      resources={"cpus_per_trial": 2, "workers_per_trial": 2})
     work_folders = set(Path(tempfile.gettempdir()).glob("dynsdpb-ddp-*"))
-    state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False)
+    state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False,
+                      trainer_callbacks=[CrashOnce(str(token))])
+    assert not token.exists()  # one worker crashed
     assert state.arms["rte/dynsdpb"].best is not None
-    (run,) = runs_by_role(client_for(f"sqlite:///{out}/mlflow.db"), "ddp")["trial"]
+    client = client_for(f"sqlite:///{out}/mlflow.db")
+    (run,) = runs_by_role(client, "ddp")["trial"]
     assert run.info.status == "FINISHED" and run.data.metrics["consistency_loss"] > 0
+    assert int(run.data.tags["tune_dynsdpb.retries"]) == 1
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "step")]
+    assert steps == sorted(set(steps)), steps  # continued from its checkpoint: no step logged twice
     # 64 train samples over 2 ranks, B/2 = 8 new ones per rank and step: 4 steps, each passing 16
     # samples on each of the 2 ranks (sample-passes count both workers)
     assert run.data.metrics["step"] == 4 and run.data.metrics["sample_passes"] == 4 * 16 * 2
