@@ -3,7 +3,7 @@
 The sweep runs through the driver's own pieces: ``SweepSpec`` from ``parse_search_space``,
 ``experiment.create_trainable`` (data by reference, resources from the spec), ``sweep.create_tuner``
 (``RoundRobinSearcher`` with one ``OptunaSearch`` per group on an Optuna journal, ``GroupedASHA``,
-``reuse_actors``, ``FailureConfig``/``CheckpointConfig``), ``sweep._fill_the_cluster``
+``reuse_actors``, ``FailureConfig``/``CheckpointConfig``), ``sweep._configure_tune``
 (``TUNE_MAX_PENDING_TRIALS_PG``), ``sweep.fit_tuner``, the ``SweepTracker``'s MLflow trial callback
 (background writer, SQLite store in a temp dir), the ``_ProgressCallback`` feeding a
 ``ProgressTable`` (``enabled=False``: no rendering) and ``sweep.collect_outcomes``. Only the trial
@@ -30,6 +30,11 @@ Figures (per design):
 - list-scheduling bound = the makespan of the same trial durations, in the order they started,
   on SLOTS slots with zero overhead (per group and summed for *before*): the best any FIFO
   driver could do with these trials, tail included;
+- **after the ramp**: the same ratio and utilization from the moment all slots were first busy
+  (or concurrency peaked) to the end of each fit, with the work of the reports made in that span:
+  the driver's steady state, without the start of the trial actors. On this 2-core machine Ray
+  starts at most 2 worker processes at a time, each importing Ray Tune (about 1.4 CPU-s), so 32
+  actors take about 25 s to come up; a cluster's nodes start theirs in parallel;
 - start = first trial entered − fit start; tail = fit end − last report; max concurrency from
   the trials' own entry / last-report timestamps;
 - **driver CPU** = ``getrusage(RUSAGE_SELF)`` user+system over create+fit (all driver threads,
@@ -182,7 +187,7 @@ def run_design(design: str, spec, shape, slots: int, work: Path, gpu_resources: 
     trainable = make_trainable(spec, shape, gpu_resources)
     table = ProgressTable(state, enabled=False)  # the callback path runs; nothing is drawn
     callback = tracker.trial_callback(groups)
-    sweep._fill_the_cluster(spec)
+    sweep._configure_tune(spec)
     journal = str(folder / "optuna.journal")
     runs = [groups] if design == "after" else [[g] for g in groups]
 
@@ -213,6 +218,7 @@ def run_design(design: str, spec, shape, slots: int, work: Path, gpu_resources: 
                    "reports": 0, "t0": None, "end": None, "gpu_ids": None, "pid": None}
             if df is not None and len(df) and "standin_t0" in df:
                 rec.update(reports=int(len(df)), t0=float(df["standin_t0"].min()), end=float(df["standin_t"].max()),
+                           report_times=[float(x) for x in df["standin_t"]],
                            busy=float(df["standin_busy_s"].max()), pid=int(df["pid"].iloc[-1]),
                            gpu_ids=str(df["standin_gpu_ids"].iloc[-1]) if "standin_gpu_ids" in df else None)
             trials.append(rec)
@@ -227,6 +233,17 @@ def run_design(design: str, spec, shape, slots: int, work: Path, gpu_resources: 
     occupancy = sum(t["end"] - t["t0"] for t in ran)
     bound = sum(list_schedule([t["reports"] * per_report for t in sorted(ran, key=lambda t: t["t0"])
                                if t["fit"] == list(f)], slots) for f in fits)
+    steady_wall = steady_work = 0.0
+    for f in fits:  # each fit from the moment all its slots were first busy (the start-up ramp left out)
+        mine = [t for t in ran if t["fit"] == list(f)]
+        at = f[0] + full_after(mine, f[0], slots)
+        steady_wall += f[1] - at
+        steady_work += per_report * sum(x > at for t in mine for x in t["report_times"])
+    gaps = []  # an actor's idle time between one trial's last report and the next trial's entry
+    for pid in {t["pid"] for t in ran}:
+        mine = sorted((t for t in ran if t["pid"] == pid), key=lambda t: t["t0"])
+        gaps += [b["t0"] - a["end"] for a, b in zip(mine, mine[1:])]
+    gaps.sort()
     mlflow_runs = len(tracker.trial_runs())
     out = {
         "design": design, "tuners": len(runs), "groups": len(groups), "trials": len(trials),
@@ -234,6 +251,12 @@ def run_design(design: str, spec, shape, slots: int, work: Path, gpu_resources: 
         "results": results, "work_s": work_s, "slots": slots, "wall_s": wall, "minimum_s": work_s / slots,
         "ratio": wall / (work_s / slots) if work_s else None,
         "utilization": work_s / (slots * wall), "occupancy": occupancy / (slots * wall),
+        "steady_wall_s": steady_wall, "steady_work_s": steady_work,
+        "steady_ratio": steady_wall / (steady_work / slots) if steady_work else None,
+        "steady_utilization": steady_work / (slots * steady_wall) if steady_wall else None,
+        "actor_gaps": {"n": len(gaps), "total_slot_s": sum(gaps),
+                       "median_s": gaps[len(gaps) // 2] if gaps else None,
+                       "p90_s": gaps[int(len(gaps) * 0.9)] if gaps else None},
         "list_schedule_bound_s": bound, "ratio_to_list_schedule": wall / bound if bound else None,
         "start_s": min(t["t0"] for t in ran) - t0 if ran else None,
         "tail_s": t1 - max(t["end"] for t in ran) if ran else None,
@@ -328,6 +351,13 @@ def show(r: dict) -> None:
     print(f"    list-schedule bound {r['list_schedule_bound_s']:.1f} s (wall/bound {r['ratio_to_list_schedule']:.3f}); "
           f"first trial after {r['start_s']:.1f} s; tail {r['tail_s']:.1f} s; max concurrency {r['max_concurrency']}; "
           f"report waits {r['report_wait_s']:.0f} slot-s")
+    if r["steady_ratio"]:
+        print(f"    after the ramp (all slots first busy → end): wall {r['steady_wall_s']:.1f} s; work "
+              f"{r['steady_work_s']:.0f} slot-s; ratio {r['steady_ratio']:.3f}; utilization {r['steady_utilization']:.1%}")
+    g = r["actor_gaps"]
+    if g["n"]:
+        print(f"    an actor between two trials: {g['n']} gaps, {g['total_slot_s']:.0f} slot-s in all, median "
+              f"{g['median_s']:.2f} s, p90 {g['p90_s']:.2f} s")
     print(f"    per Tuner: fit {_f(r['fit_walls_s'])} s, first trial after {_f(r['fit_start_s'])} s, all slots busy "
           f"after {_f(r['full_after_s'])} s; trial actor processes {r['actor_processes']}")
     print(f"    driver CPU {r['driver_cpu_s']:.1f} s = {r['driver_cpu_s_per_1000_results']:.1f} s per 1,000 results; "
