@@ -40,15 +40,18 @@ def call(path, body):
 exp = call("experiments/search", {"max_results": 100, "filter": f"name = '{name}'"})["experiments"][0]
 runs = call("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1,
                             "filter": "tags.`tune_dynsdpb.role` = 'arm'"})["runs"]
-print(exp["experiment_id"], json.load(open(f"{sweep}/sweep.json"))["parent_run_id"])
+assert runs, f"no arm run in experiment {name}"
+print(exp["experiment_id"], runs[0]["info"]["run_id"])
 PY
 )
-# (the runs page shows the sweep's parent run; no URL parameter expands nested runs)
-url="http://127.0.0.1:$port/#/experiments/$exp_id/runs?viewMode=table"
+# Filtered on the trial runs, the page lists each (task, arm) run with its trials nested under it
+# (MLflow shows a match's parent); no URL parameter expands the nesting itself.
+filter=$("$py" -c 'import urllib.parse; print(urllib.parse.quote("tags.`tune_dynsdpb.role` = '"'"'trial'"'"'"))')
+url="http://127.0.0.1:$port/#/experiments/$exp_id/runs?viewMode=table&searchFilter=$filter"
 flags=(--headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1000 --virtual-time-budget=20000)
 "$browser" "${flags[@]}" --dump-dom "$url" 2>/dev/null >/tmp/screenshots-runs.html
 grep -q "Training runs" /tmp/screenshots-runs.html && grep -q "runs/$first_run" /tmp/screenshots-runs.html \
-  || { echo "screenshots: the MLflow runs page shows no training run of the sweep" >&2; exit 1; }
+  || { echo "screenshots: the MLflow runs page shows no (task, arm) run of the sweep" >&2; exit 1; }
 "$browser" "${flags[@]}" --screenshot="$out/mlflow-runs.png" "$url" 2>/dev/null
 
 "$py" - "$report" <<'PY'
