@@ -124,6 +124,7 @@ class RaySampler(threading.Thread):
         self.psutil, self.period = psutil, period
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
+        self.names: dict[int, str] = {}
         self.own_cpu = 0.0
         self.stop = threading.Event()
         self.machine0 = machine_cpu_s()
@@ -137,6 +138,14 @@ class RaySampler(threading.Thread):
                 continue
             self.first.setdefault(p.pid, c.user + c.system)
             self.last[p.pid] = c.user + c.system
+            if p.pid not in self.names:
+                try:  # a worker's title is ray::<what it runs>; GCS, raylet, agents by their program
+                    cmd = p.cmdline()
+                    self.names[p.pid] = (cmd[0] if cmd and cmd[0].startswith("ray::")
+                                         else os.path.basename(cmd[1] if len(cmd) > 1 and cmd[0].endswith(
+                                             ("python", "python3")) else cmd[0])) if cmd else p.name()
+                except self.psutil.Error:
+                    self.names[p.pid] = "?"
 
     def run(self) -> None:
         t = time.thread_time()
@@ -150,7 +159,12 @@ class RaySampler(threading.Thread):
         self.join()
         (busy0, total0), (busy1, total1) = self.machine0, machine_cpu_s()
         span = total1 - total0
+        by_name: dict[str, float] = {}
+        for p in self.last:
+            name = self.names.get(p, "?")
+            by_name[name] = by_name.get(name, 0.0) + self.last[p] - self.first[p]
         return {"ray_processes_cpu_s": sum(self.last[p] - self.first[p] for p in self.last),
+                "ray_processes_cpu_s_by_name": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8]),
                 "machine_busy_fraction": (busy1 - busy0) / span if span > 0 else None,
                 "sampler_cpu_s": self.own_cpu}
 
@@ -360,6 +374,8 @@ def show(r: dict) -> None:
               f"{g['median_s']:.2f} s, p90 {g['p90_s']:.2f} s")
     print(f"    per Tuner: fit {_f(r['fit_walls_s'])} s, first trial after {_f(r['fit_start_s'])} s, all slots busy "
           f"after {_f(r['full_after_s'])} s; trial actor processes {r['actor_processes']}")
+    print("    Ray processes by name (CPU-s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                          r["ray_processes_cpu_s_by_name"].items()))
     print(f"    driver CPU {r['driver_cpu_s']:.1f} s = {r['driver_cpu_s_per_1000_results']:.1f} s per 1,000 results; "
           f"Ray processes {r['ray_processes_cpu_s']:.1f} s; machine busy {r['machine_busy_fraction']:.0%} of "
           f"{os.cpu_count()} cores; MLflow trial runs {r['mlflow_trial_runs']}")
