@@ -139,13 +139,19 @@ class RaySampler(threading.Thread):
             self.first.setdefault(p.pid, c.user + c.system)
             self.last[p.pid] = c.user + c.system
             if p.pid not in self.names:
-                try:  # a worker's title is ray::<what it runs>; GCS, raylet, agents by their program
-                    cmd = p.cmdline()
-                    self.names[p.pid] = (cmd[0] if cmd and cmd[0].startswith("ray::")
-                                         else os.path.basename(cmd[1] if len(cmd) > 1 and cmd[0].endswith(
-                                             ("python", "python3")) else cmd[0])) if cmd else p.name()
-                except self.psutil.Error:
-                    self.names[p.pid] = "?"
+                self.names[p.pid] = self._title(p)
+
+    def _title(self, p) -> str:
+        """A worker's title is ray::<what it runs>; GCS, raylet and Python helpers go by their program."""
+        try:
+            cmd = p.cmdline() or [p.name()]
+        except self.psutil.Error:
+            return "?"
+        if cmd[0].startswith("ray::"):
+            return cmd[0]
+        if os.path.basename(cmd[0]).startswith("python"):  # the script: the first argument not a flag
+            cmd = [a for a in cmd[1:] if not a.startswith("-")] or cmd
+        return os.path.basename(cmd[0])
 
     def run(self) -> None:
         t = time.thread_time()
