@@ -225,3 +225,126 @@ def test_a_diverging_run_exits_1_and_leaves_nothing(data_dir, tiny_bert, tmp_pat
     assert len(errors) == 1 and re.fullmatch(r"tune-dynsdpb: error: training diverged: non-finite ce_loss at step \d+",
                                              errors[0]), err
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))  # no model, no metrics.json
+
+
+# -- truncation: counted and printed always, refused only over --max-truncated-fraction ----------
+def cli_out(capsys, *argv):
+    """(exit status, stdout, stderr) of one `tune-dynsdpb` call."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def nothing_left(tmp_path, out):
+    assert not out.exists() and not list(tmp_path.glob(f".{out.name}.partial-*"))
+
+
+def write_custom(folder, long_rows: int, n: int = 40):
+    """A custom CSV task whose ``long_rows`` first rows are 30 words long (cut at max_length=16)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [("the movie was " + " ".join(["very"] * 27) if i < long_rows else "the movie was good", i % 2)
+            for i in range(n)]
+    (folder / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    (folder / "dev.csv").write_text("text,label\n" + "".join(f"the film was fun,{i % 2}\n" for i in range(8)))
+    return folder / "train.csv", folder / "dev.csv"
+
+
+def custom_args(train, dev, model, out, *extra):
+    return ["train", "--task", "custom", "--train-file", train, "--eval-file", dev, "--text-fields", "text",
+            "--label-field", "label", "--model", model, "--output-dir", out, "--batch-size", "8", "--max-steps", "1",
+            "--max-length", "16", "--method", "vanilla", *extra]
+
+
+def test_truncation_is_printed_and_recorded_and_the_run_goes_on(tiny_bert, tmp_path, capsys):
+    """10 % of the samples cut (the old guard refused anything over 5 %): counted, printed, no refusal."""
+    train, dev = write_custom(tmp_path / "d", long_rows=4)
+    out = tmp_path / "out"
+    code, stdout, err = cli_out(capsys, *custom_args(train, dev, tiny_bert, out))
+    assert code == 0, err
+    assert [ln for ln in stdout.splitlines() if ln.startswith("truncation:")] == [
+        "truncation: task custom: samples cut at max_length=16: train 4 of 40 (10.0%), eval 0 of 8 (0.0%)"]
+    record = json.loads((out / "metrics.json").read_text())
+    assert (record["truncated"], record["dropped"], record["samples"]) == (
+        {"train": 4, "eval": 0}, {"train": 0, "eval": 0}, {"train": 40, "eval": 8})
+    assert record["train_samples"] == 40 and record["config"]["max_truncated_fraction"] is None  # cut, not dropped
+
+
+def test_truncation_threshold_under_at_and_over(tiny_bert, tmp_path, capsys):
+    train, dev = write_custom(tmp_path / "d", long_rows=4)
+    out = tmp_path / "out"
+    code, stdout, err = cli_out(capsys, *custom_args(train, dev, tiny_bert, out, "--max-truncated-fraction", "0.1"))
+    assert code == 0 and "train 4 of 40 (10.0%)" in stdout, err  # at the threshold: allowed
+    assert json.loads((out / "metrics.json").read_text())["config"]["max_truncated_fraction"] == 0.1
+    out = tmp_path / "over"
+    code, stdout, err = cli_out(capsys, *custom_args(train, dev, tiny_bert, out, "--max-truncated-fraction", "0.05"))
+    assert (code, err) == (2, "tune-dynsdpb: error: task custom: train: 4 of 40 samples are cut at max_length=16 "
+                              "(10.0%), more than max_truncated_fraction=0.05; raise max_length or "
+                              "max_truncated_fraction\n")
+    nothing_left(tmp_path, out)
+    code, _, err = cli_out(capsys, *custom_args(train, dev, tiny_bert, tmp_path / "bad", "--max-truncated-fraction", "1.5"))
+    assert (code, err) == (2, "tune-dynsdpb: error: --max-truncated-fraction: must be in [0, 1] (got 1.5)\n")
+
+
+def gsm8k_args(data_dir, model, out, max_length, *extra):
+    return ["train", "--task", "gsm8k", "--data-dir", data_dir, "--model", model, "--output-dir", out,
+            "--batch-size", "8", "--max-steps", "1", "--max-length", str(max_length), "--method", "dlb", *extra]
+
+
+def _longest_answers(data_dir, model):
+    """(max_length at which the longest GSM8K answers would lose a token, how many train samples that drops)."""
+    from transformers import AutoTokenizer
+
+    from tune_dynsdpb.data import load_task
+    tok, rows = AutoTokenizer.from_pretrained(str(model)), load_task("gsm8k", data_dir).train[:]
+    lengths = [len(p) + len(a) + 1 for p, a in zip(tok(rows["prompt"], add_special_tokens=False)["input_ids"],
+                                                   tok(rows["completion"], add_special_tokens=False)["input_ids"])]
+    limit = max(lengths) - 1
+    return limit, sum(x > limit for x in lengths)
+
+
+def test_causal_lm_samples_with_a_cut_answer_are_dropped_and_counted(data_dir, tiny_gpt2, tmp_path, capsys):
+    limit, n = _longest_answers(data_dir, tiny_gpt2)
+    assert 0 < n < 64
+    out = tmp_path / "out"
+    code, stdout, err = cli_out(capsys, *gsm8k_args(data_dir, tiny_gpt2, out, limit))
+    assert code == 0, err
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("truncation:"))
+    assert line.startswith(f"truncation: task gsm8k: samples dropped (their answer would lose tokens) at "
+                           f"max_length={limit}: train {n} of 64 ({100 * n / 64:.1f}%), eval ")
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["dropped"]["train"] == record["truncated"]["train"] == n
+    assert record["train_samples"] == 64 - n and record["samples"]["train"] == 64
+    assert record["eval_samples"] == 32 - record["dropped"]["eval"]
+    out = tmp_path / "refused"  # the same drop, refused on request
+    code, _, err = cli_out(capsys, *gsm8k_args(data_dir, tiny_gpt2, out, limit, "--max-truncated-fraction", "0"))
+    assert (code, err) == (2, f"tune-dynsdpb: error: task gsm8k: train: {n} of 64 answers would lose tokens (dropped) "
+                              f"at max_length={limit} ({100 * n / 64:.1f}%), more than max_truncated_fraction=0; "
+                              f"raise max_length or max_truncated_fraction\n")
+    nothing_left(tmp_path, out)
+
+
+def test_a_split_left_empty_by_dropping_is_refused(data_dir, tiny_gpt2, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli_out(capsys, *gsm8k_args(data_dir, tiny_gpt2, out, 12))
+    assert (code, err) == (2, "tune-dynsdpb: error: task gsm8k: train: all 64 samples are dropped at max_length=12 "
+                              "(every answer would lose tokens); nothing is left to train on; raise max_length\n")
+    nothing_left(tmp_path, out)
+
+
+def test_validate_prints_each_tasks_truncation_and_applies_the_files_threshold(data_dir, tiny_gpt2, tmp_path, capsys):
+    import sweeps
+
+    limit, n = _longest_answers(data_dir, tiny_gpt2)
+    spec = sweeps.spec_file(tmp_path, tiny_gpt2, name="qa", methods=["vanilla"], max_length=limit,
+                            tasks=[{"task": "gsm8k", "data_dir": str(data_dir)}])
+    code, stdout, err = cli_out(capsys, "validate", spec)
+    assert code == 0, err
+    assert f"    truncation: task gsm8k: samples dropped (their answer would lose tokens) at max_length={limit}: " \
+           f"train {n} of 64 ({100 * n / 64:.1f}%)" in stdout
+    code, stdout, err = cli_out(capsys, "validate", spec, "--set", "max_truncated_fraction=0.01")
+    assert code == 2 and err.startswith(f"tune-dynsdpb: error: {spec}: task gsm8k: train: {n} of 64 answers would "
+                                        f"lose tokens (dropped)"), err
+    code, stdout, err = cli_out(capsys, "validate", spec, "--set", "max_truncated_fraction=2")
+    assert (code, err) == (2, f"tune-dynsdpb: error: {spec} (with --set/--methods/--num-samples): "
+                              f"max_truncated_fraction: must be in [0, 1] (got 2.0)\n")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tune_dynsdpb.data import (Task, accuracy, f1_binary, list_tasks, load_task, macro_f1, matthews,
-                               tokenize_task)
+from tune_dynsdpb.data import (Task, TruncationCount, accuracy, check_truncation, count_truncation, f1_binary,
+                               list_tasks, load_task, macro_f1, matthews, tokenize_task, truncation_summary)
 from tune_dynsdpb.errors import UserError
 
 
@@ -267,7 +267,7 @@ def test_tokenize_causal_masks_prompt_and_appends_eos(data_dir, gpt2_tok, tmp_pa
     assert row["labels"] == [-100] * len(p) + c + [eos]
     assert row["attention_mask"] == [1] * len(row["input_ids"])
     raises_user_error(lambda: tokenize_task(task, gpt2_tok, max_length=len(p), cache_dir=tmp_path),
-                      "64 of 64 train samples", "no target tokens", f"max_length={len(p)}")
+                      f"task gsm8k: train: all 64 samples are dropped at max_length={len(p)}", "nothing is left")
     assert not [x for x in (tmp_path / "tokenized").iterdir() if x.name.startswith(".")]  # failed write cleaned up
 
 
@@ -298,3 +298,94 @@ def test_task_is_frozen(data_dir):
     assert isinstance(t, Task)
     with pytest.raises(AttributeError):
         t.name = "x"
+
+
+# ----------------------------------------------------------------------------- truncation: counted, refused on request
+def _answer_lengths(task, tok) -> list[int]:
+    """prompt + answer + EOS of every train sample, tokenized as tokenize_task does."""
+    rows = task.train[:]
+    p = tok(rows["prompt"], add_special_tokens=False)["input_ids"]
+    a = tok(rows["completion"], add_special_tokens=False)["input_ids"]
+    return [len(x) + len(y) + 1 for x, y in zip(p, a)]
+
+
+def test_count_truncation_by_hand(bert_tok, tmp_path):
+    """Every word of the test vocabulary is one token: the lengths are counted by hand."""
+    qa = tmp_path / "qa.jsonl"  # prompt "question : how many apples \n answer :" = 7, answer 5, EOS 1: 13
+    qa.write_text(json.dumps({"question": "how many apples", "answer": "the man has 3 apples"}) + "\n")
+    task = load_task("qa-jsonl", train_file=qa, eval_file=qa)
+    assert count_truncation(task, bert_tok, 13)["train"].truncated == 0
+    cut = count_truncation(task, bert_tok, 12)
+    assert cut["train"] == TruncationCount("qa-jsonl", "train", 1, 1, 12, "causal_lm")
+    assert (cut["train"].dropped, cut["train"].kept, str(cut["train"])) == (1, 0, "train 1 of 1 (100.0%) dropped at max_length=12")
+
+    pairs = tmp_path / "pairs.csv"  # [CLS] a b [SEP] c d e [SEP]: 8 tokens
+    pairs.write_text("a,b,label\ngood movie,the film was,0\nbad,dull,1\n")
+    task = load_task("custom", train_file=pairs, eval_file=pairs, text_fields=["a", "b"], label_field="label")
+    counts = count_truncation(task, bert_tok, 6)
+    assert counts["train"] == TruncationCount("custom", "train", 1, 2, 6, "classification")
+    assert (counts["train"].dropped, counts["train"].kept) == (0, 2)  # cut as usual, never dropped
+    assert str(counts["train"]) == "train 1 of 2 (50.0%) cut at max_length=6"
+    assert truncation_summary(counts) == ("task custom: samples cut at max_length=6: train 1 of 2 (50.0%), "
+                                          "eval 1 of 2 (50.0%)")
+    assert count_truncation(task, bert_tok, 7)["train"].truncated == 1
+    assert count_truncation(task, bert_tok, 8)["train"].truncated == 0
+
+
+def test_check_truncation_refuses_only_over_the_threshold():
+    def counts(cut, total=40, kind="classification"):
+        return {"train": TruncationCount("t", "train", cut, total, 16, kind),
+                "eval": TruncationCount("t", "eval", 0, 8, 16, kind)}
+
+    check_truncation(counts(40))                      # no threshold: never refused, however many are cut
+    check_truncation(counts(4), max_fraction=0.1)     # at the threshold: allowed
+    check_truncation(counts(0), max_fraction=0.0)
+    assert raises_user_error(lambda: check_truncation(counts(4), max_fraction=0.05)) == (
+        "task t: train: 4 of 40 samples are cut at max_length=16 (10.0%), more than max_truncated_fraction=0.05; "
+        "raise max_length or max_truncated_fraction")
+    assert raises_user_error(lambda: check_truncation(counts(1, kind="causal_lm"), max_fraction=0)) == (
+        "task t: train: 1 of 40 answers would lose tokens (dropped) at max_length=16 (2.5%), more than "
+        "max_truncated_fraction=0; raise max_length or max_truncated_fraction")
+    check_truncation(counts(39, kind="causal_lm"))    # one sample left: it trains on that
+    for threshold in (None, 1.0):                     # a causal-LM split left empty: always refused
+        assert raises_user_error(lambda: check_truncation(counts(40, kind="causal_lm"), threshold)) == (
+            "task t: train: all 40 samples are dropped at max_length=16 (every answer would lose tokens); "
+            "nothing is left to train on; raise max_length")
+    empty_eval = {"eval": TruncationCount("t", "eval", 8, 8, 16, "causal_lm")}
+    raises_user_error(lambda: check_truncation(empty_eval), "eval: all 8 samples", "nothing is left to evaluate on")
+
+
+def test_tokenize_causal_drops_the_samples_whose_answer_would_lose_tokens(data_dir, gpt2_tok, tmp_path):
+    task = load_task("gsm8k", data_dir)
+    lengths = _answer_lengths(task, gpt2_tok)
+    limit = max(lengths) - 1                          # the longest answers would lose their last token
+    n = sum(x > limit for x in lengths)
+    assert 0 < n < len(lengths)
+    counts = count_truncation(task, gpt2_tok, limit)
+    assert (counts["train"].truncated, counts["train"].dropped, counts["train"].kept) == (n, n, 64 - n)
+    assert truncation_summary(counts).startswith(
+        f"task gsm8k: samples dropped (their answer would lose tokens) at max_length={limit}: "
+        f"train {n} of 64 ({100 * n / 64:.1f}%), eval ")
+    tr, ev = tokenize_task(task, gpt2_tok, max_length=limit, cache_dir=tmp_path)
+    assert (len(tr), len(ev)) == (64 - n, counts["eval"].kept)
+    eos = gpt2_tok.sep_token_id
+    kept = [i for i, x in enumerate(lengths) if x <= limit]
+    for row, i in zip(tr, kept):                      # every kept sample whole: its answer and EOS all there
+        c = gpt2_tok(task.train[i]["completion"], add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][-len(c) - 1:] == c + [eos] and row["labels"][-len(c) - 1:] == c + [eos]
+        assert len(row["input_ids"]) == lengths[i] <= limit
+
+
+def test_max_truncated_fraction_is_a_sweep_file_key_checked_against_params():
+    from tune_dynsdpb.params import param
+    from tune_dynsdpb.search_space import parse_search_space
+
+    assert param("max_truncated_fraction").default is None and param("max_truncated_fraction").rule == "in [0, 1]"
+    base = {"name": "t", "model": "m", "tasks": [{"task": "rte"}, {"task": "gsm8k", "max_truncated_fraction": 0.5}]}
+    spec = parse_search_space({**base, "max_truncated_fraction": 0.05})
+    assert [t.max_truncated_fraction for t in spec.task_specs()] == [0.05, 0.5]
+    assert [t.max_truncated_fraction for t in parse_search_space(base).task_specs()] == [None, 0.5]
+    with pytest.raises(UserError, match=r"^<sweep>: max_truncated_fraction: must be in \[0, 1\] \(got 1.5\)$"):
+        parse_search_space({**base, "max_truncated_fraction": 1.5})
+    with pytest.raises(UserError, match=r"^<sweep>: tasks.0.max_truncated_fraction: must be in \[0, 1\]"):
+        parse_search_space({**base, "tasks": [{"task": "rte", "max_truncated_fraction": -0.1}]})

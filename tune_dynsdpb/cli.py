@@ -212,7 +212,7 @@ def transformers_logging():
 
 def cmd_train(a: argparse.Namespace) -> int:
     check_train_args(a)
-    from .data import check_truncation, count_truncation, load_task, tokenize_task
+    from .data import check_truncation, count_truncation, load_task, tokenize_task, truncation_summary
     from .results import metric_key
     from .run import create_trainer, load_model, save_final_model
     from .trainer import DynSDPBConfig, TrainingDiverged
@@ -238,10 +238,8 @@ def cmd_train(a: argparse.Namespace) -> int:
             lora = {"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules} if a.lora_r else None
             model, tokenizer = load_model(a.model, task, lora=lora, trust_remote_code=a.trust_remote_code, seed=a.seed)
             cut = count_truncation(task, tokenizer, a.max_length)
-            check_truncation(cut)  # a causal-LM answer cut, or over 5 % of samples: exit 2
-            for count in cut.values():
-                if count.truncated:
-                    print(f"truncated: {count}", flush=True)
+            check_truncation(cut, a.max_truncated_fraction)  # over the threshold, or a split left empty: exit 2
+            print(f"truncation: {truncation_summary(cut)}", flush=True)
             train_ds, eval_ds = tokenize_task(task, tokenizer, a.max_length)
             trainer = create_trainer(task, model, tokenizer, train_ds, eval_ds, config)
             train_out = trainer.train()
@@ -251,11 +249,13 @@ def cmd_train(a: argparse.Namespace) -> int:
             key = metric_key(task.metric)
             settings = {"model": a.model, **{name: getattr(a, name) for name in params.PARAMS},
                         "batch_size": batch, "learning_rate": a.learning_rate, "epochs": a.num_train_epochs,
-                        "max_length": a.max_length, "seed": a.seed}
+                        "max_length": a.max_length, "max_truncated_fraction": a.max_truncated_fraction, "seed": a.seed}
             record = {"task": task.name, "source": task.source, "method": a.method, "metric": key,
                       "score": final.get(key), "eval": final, "train": train_out.metrics,
                       "train_samples": len(train_ds), "eval_samples": len(eval_ds), "config": settings,
-                      "truncated": {split: c.truncated for split, c in cut.items()},
+                      "truncated": {split: c.truncated for split, c in cut.items()},  # cut, or (causal LMs) dropped
+                      "dropped": {split: c.dropped for split, c in cut.items()},
+                      "samples": {split: c.total for split, c in cut.items()},  # before dropping
                       "log_history": trainer.state.log_history}
             (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
     except TrainingDiverged as e:  # the staged output is gone: no model, no metrics.json

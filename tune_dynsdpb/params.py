@@ -131,6 +131,10 @@ TRAINING_PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("gradient_accumulation_steps", int, 1, "micro-batches per optimizer step", "--gradient-accumulation-steps",
           low=1.0),
     Param("max_length", int, 128, "maximum tokens per sample", "--max-length", low=2.0),
+    # Optional (None: off): every value check accepts None for it.
+    Param("max_truncated_fraction", float, None, "refuse a split when more than this share of its samples is "
+          "cut at max_length (causal LMs: dropped, their answer would lose tokens); unset: count and warn only",
+          "--max-truncated-fraction", low=0.0, high=1.0),
 )}
 
 
@@ -169,6 +173,8 @@ def check_value(name: str, value: Any) -> str | None:
     if name == "method":
         return None if value in METHODS else f"must be one of {', '.join(METHODS)} {got}"
     p = param(name)
+    if value is None and p.default is None:  # an optional parameter left unset
+        return None
     if p.choices is not None:
         return None if value in p.choices else f"must be {p.rule} {got}"
     if p.type is tuple:

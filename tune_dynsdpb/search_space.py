@@ -197,6 +197,16 @@ class Training(_Strict):
     tau_range: Optional[tuple[float, float]] = None
 
 
+def _fraction(v: Optional[float]) -> Optional[float]:
+    """``max_truncated_fraction`` against its bounds in params.py (None: off)."""
+    problem = check_value("max_truncated_fraction", v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+TruncatedFraction = Annotated[Optional[float], AfterValidator(_fraction)]
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # sweep names become folder and experiment names
 
 
@@ -207,6 +217,7 @@ class TaskSpec(_Strict):
     max_length: Optional[int] = Field(None, ge=1)
     max_train_samples: Optional[int] = Field(None, ge=1)
     max_eval_samples: Optional[int] = Field(None, ge=1)
+    max_truncated_fraction: TruncatedFraction = None
     metric: Optional[str] = None
     mode: Optional[Literal["max", "min"]] = None
 
@@ -215,7 +226,8 @@ class SweepSpec(_Strict):
     """A validated sweep file. ``path`` is the file it came from (None when built in code).
 
     ``task: rte`` names one task; ``tasks: [{task: rte}, {task: cola, metric: ...}, ...]`` several,
-    each of which may override ``data_dir``, ``max_length``, ``metric``/``mode`` and the caps."""
+    each of which may override ``data_dir``, ``max_length``, ``max_truncated_fraction``,
+    ``metric``/``mode`` and the caps."""
     name: str = Field(min_length=1)
     task: Optional[str] = Field(None, min_length=1)
     tasks: Optional[list[TaskSpec]] = None
@@ -224,6 +236,7 @@ class SweepSpec(_Strict):
     max_length: int = Field(128, ge=1)
     max_train_samples: Optional[int] = Field(None, ge=1)
     max_eval_samples: Optional[int] = Field(None, ge=1)
+    max_truncated_fraction: TruncatedFraction = None  # None: truncation is counted and printed, never refused
     metric: Optional[str] = None
     mode: Optional[Literal["max", "min"]] = None
     methods: list[str] = Field(default_factory=lambda: list(METHODS))

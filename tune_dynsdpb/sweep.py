@@ -29,7 +29,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from mlflow.entities import Param
 from ray import tune
 
 from . import results as R
@@ -161,7 +160,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
         check_resources(spec, where)
         model_path = state.model_path if state else _model_path(spec.model)
         tasks = prepare_tasks(spec, model_path, out / "cache", where, data_dir=None if state else data_dir,
-                              callbacks=trainer_callbacks)
+                              callbacks=trainer_callbacks, say=print)
         if state is None:
             if progress:
                 print(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
@@ -196,10 +195,8 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
              "tasks": ",".join(tasks)}, tags={"tune_dynsdpb.output_dir": str(out)})
         for n, m in groups:
             tracker.start_arm(n, m)
-        for n, t in state.tasks.items():  # nothing dropped in silence: the truncation counts too
-            tracker.client.log_batch(tracker.task_run(n), params=[
-                Param(f"truncated_{split}", str(count)) for split, count in t.truncated.items()
-                if f"truncated_{split}" not in tracker.client.get_run(tracker.task_run(n)).data.params])
+        for n, t in tasks.items():  # nothing dropped in silence: the truncation counts too
+            tracker.log_truncation(n, t.truncation)
         state.status = "running"
         state.save(out)
         trainable = create_trainable(spec, tasks)
@@ -458,10 +455,6 @@ def print_header(state: SweepState, out: Path) -> None:
                       for n, t in state.tasks.items())
     c.print(f"[bold]sweep {state.spec['name']}[/bold]: {tasks}")
     c.print(f"model {state.model_path}; arms {', '.join(state.methods)} × {state.num_samples} trials each")
-    for name, t in state.tasks.items():
-        cut = [f"{split} {n} of {t.train_size if split == 'train' else t.eval_size}" for split, n in t.truncated.items() if n]
-        if cut:
-            c.print(f"truncated at max_length ({name}): {', '.join(cut)}")
     c.print(f"MLflow {state.tracking_uri}; folder {out}")
 
 

@@ -270,6 +270,20 @@ class SweepTracker:
                                                       {TAG_PARENT: self.parent_run_id}, task)
         return self._runs["task", task]
 
+    def log_truncation(self, task: str, counts: dict) -> None:
+        """The task run's truncation counts (split -> ``data.TruncationCount``) as params, so that
+        nothing is cut or dropped in silence: ``samples_<split>`` (before tokenization),
+        ``truncated_<split>`` (cut, or for causal LMs dropped, at ``max_length``) and, for causal
+        LMs, ``dropped_<split>``. A resumed sweep finds them logged already (same data)."""
+        params = {}
+        for split, c in counts.items():
+            params[f"samples_{split}"] = str(c.total)
+            params[f"truncated_{split}"] = str(c.truncated)
+            if c.kind == "causal_lm":
+                params[f"dropped_{split}"] = str(c.dropped)
+            params["max_length"] = str(c.max_length)
+        _log_params(self.client, self.task_run(task), params)
+
     def arm_run(self, task: str, arm: str) -> str:
         if ("arm", task, arm) not in self._runs:
             self._runs["arm", task, arm] = _find_or_create(

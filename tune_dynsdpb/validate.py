@@ -30,4 +30,5 @@ def validate(spec_path: str | Path, data_dir: str | None = None, overrides: Sequ
         base = "" if t.baseline is None else f", trivial baseline {t.baseline:.4f}"
         lines.append(f"  {name}: {len(t.train)} train / {len(t.eval)} eval from {t.task.source}; "
                      f"{t.metric} ({t.mode}){base}; one training step ran")
+        lines.append(f"    truncation: {t.truncation_summary()}")
     return lines
