@@ -195,6 +195,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
              "tasks": ",".join(tasks)}, tags={"tune_dynsdpb.output_dir": str(out)})
         for n, m in groups:
             tracker.start_arm(n, m)
+        tracker.set_trial_view({t.metric: t.mode for t in tasks.values()})  # what the MLflow UI opens on
         for n, t in tasks.items():  # nothing dropped in silence: the truncation counts too
             tracker.log_truncation(n, t.truncation)
         state.status = "running"

@@ -2,7 +2,8 @@
 
 Run tree (one MLflow experiment per sweep, nested so the UI expands it)::
 
-    experiment <sweep name>                      tag mlflow.experimentKind: training runs
+    experiment <sweep name>                      tags: mlflow.experimentKind (training runs), the
+                                                 saved trial view (mlflow.sharedViewState.trials)
     └── <sweep name>             role=sweep      tune_dynsdpb.sweep_id=<id>
         └── rte                  role=task       tune_dynsdpb.task=rte
             ├── rte · dlb        role=arm        tune_dynsdpb.arm=dlb
@@ -57,7 +58,16 @@ TAG_STOPPED_BY = "tune_dynsdpb.stopped_by"
 TAG_RETRIES = "tune_dynsdpb.retries"
 TAG_ERROR = "tune_dynsdpb.error"
 TAG_KIND = "mlflow.experimentKind"
-KIND_TRAINING = "custom_model_development"  # the UI opens such an experiment on its training runs
+KIND_TRAINING = "custom_model_development"  # MLflow 3.x UIs without the GenAI/Model-training switch
+# open such an experiment on its training runs; from 3.1x on the sidebar's switch (or the URL's
+# ``workflowType=machine_learning``) picks the view, and the UI no longer reads this tag.
+# A saved view of the runs table, as the UI's own "share view" stores one: an experiment tag
+# ``mlflow.sharedViewState.<key>`` holding the search (the trial runs, best score first) and the
+# columns (each task's score, the method, alpha0/tau0 and the rates), opened by
+# ``#/experiments/<id>/runs?viewStateShareKey=<key>`` (see :func:`trial_view_path`).
+TAG_VIEW = "mlflow.sharedViewState."
+VIEW_KEY = "trials"
+VIEW_PARAMS = ("method", "alpha0", "tau0", "lambda_alpha", "lambda_tau", "distill_warmup", "learning_rate")
 
 # Tune bookkeeping in every result that is not a metric worth a chart.
 _SKIP_KEYS = {"config", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp", R.TASK, R.METHOD,
@@ -209,6 +219,29 @@ def _reopen(client: MlflowClient, run_id: str) -> None:
         client.update_run(run_id, status="RUNNING")
 
 
+# -- what the MLflow UI opens on -------------------------------------------------------------------
+def trial_view(metrics: dict[str, str]) -> dict[str, str]:
+    """The experiment tags of the trial-runs view, for ``metrics`` = {metric key: mode} of the
+    sweep's tasks (e.g. ``{"eval_accuracy": "max"}``): the trial runs alone, sorted by the task's
+    score (by ``objective`` when tasks differ), with the score, method, α0/τ0 and rate columns.
+    A sort on a metric also lists the trials flat rather than folded under their arm runs."""
+    if len(metrics) == 1:
+        (key, mode), = metrics.items()
+    else:
+        key, mode = R.OBJECTIVE, R.MODE
+    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in VIEW_PARAMS]
+    view = {"searchFilter": f"tags.`{TAG_ROLE}` = 'trial'", "orderByKey": f"metrics.`{key}`",
+            "orderByAsc": mode == "min", "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+            "modelVersionFilter": "All Runs", "selectedColumns": columns}
+    return {TAG_KIND: KIND_TRAINING, TAG_VIEW + VIEW_KEY: json.dumps(view)}
+
+
+def trial_view_path(experiment_id: str) -> str:
+    """The MLflow UI's page of the trial-runs view, in the model-training view: append it to the
+    UI's address (``http://127.0.0.1:5000/``)."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
 # -- the sweep's runs -----------------------------------------------------------------------------
 class SweepTracker:
     """Owns the sweep, task and arm runs; hands Tune one :class:`MLflowTrialCallback`."""
@@ -237,6 +270,12 @@ class SweepTracker:
     @property
     def experiment_id(self) -> str:
         return self._exp_id
+
+    def set_trial_view(self, metrics: dict[str, str]) -> str:
+        """Tags the experiment with the trial-runs view (:func:`trial_view`); returns its UI path."""
+        for k, v in trial_view(metrics).items():
+            self.client.set_experiment_tag(self._exp_id, k, v)
+        return trial_view_path(self._exp_id)
 
     @property
     def parent_run_id(self) -> str:
