@@ -58,3 +58,19 @@ def test_the_installed_mlflow_ui_reads_what_we_set():
     assert '"mlflow.assistant.fab.autoOpenedOnFirstLoad"' in ui and '"mlflow.assistant.panelOpen"' in ui
     assert "`${e}_v${t}`" in ui  # localStorage keys carry a version suffix: <key>_v1
     assert set(VIEW_PARAMS) >= {"method", "alpha0", "tau0", "lambda_alpha", "lambda_tau"}
+
+
+@pytest.mark.slow
+def test_a_sweep_tags_its_view_and_logs_truncation_on_its_task_runs(tiny_sweep):
+    """The shared two-task sweep (rte by eval loss, sst2 by accuracy; 64 train / 32 eval each)."""
+    from sweeps import client_for, runs_by_role
+
+    out, state = tiny_sweep
+    client = client_for(f"sqlite:///{out}/mlflow.db")
+    tags = client.get_experiment_by_name("tiny").tags
+    assert tags[TAG_VIEW + VIEW_KEY] == trial_view({"eval_loss": "min", "eval_accuracy": "max"})[TAG_VIEW + VIEW_KEY]
+    for run in runs_by_role(client, "tiny")["task"]:
+        p = run.data.params
+        assert (p["samples_train"], p["samples_eval"], p["max_length"]) == ("64", "32", "32")
+        assert int(p["truncated_train"]) == state.tasks[run.data.tags["tune_dynsdpb.task"]].truncated["train"]
+        assert "dropped_train" not in p  # classification: cut as usual, nothing dropped
