@@ -112,12 +112,13 @@ async def shoot():
         while time.monotonic() < end:  # the trials and their columns on the page, and the page settled
             text = (await cdp("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
                               returnByValue=True))["result"].get("value", "")
-            if all(w in text for w in want) and "MLflow Assistant" not in text and text == last:
+            panel = "Ask a question" in text  # the open Assistant panel's input box (its button stays)
+            if all(w in text for w in want) and not panel and text == last:
                 break
             last = text
             await asyncio.sleep(1.0)
         else:
-            missing = [w for w in want if w not in text] + (["(Assistant panel open)"] if "MLflow Assistant" in text else [])
+            missing = [w for w in want if w not in text] + (["(Assistant panel closed)"] if panel else [])
             sys.exit(f"screenshots: the MLflow runs page never showed {missing} ({url})")
         shot = await cdp("Page.captureScreenshot", format="png")
         pathlib.Path(png).write_bytes(base64.b64decode(shot["data"]))
