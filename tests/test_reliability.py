@@ -195,8 +195,8 @@ SPEC_CASES = {  # id: (edit of the spec dict, the line after "<file>: ")
     "time_budget_s 0": (lambda d: _set(d, "budget.time_budget_s", 0), "budget.time_budget_s: Input should be "
                                                                          "greater than 0"),
     "distill_warmup 1": (lambda d: d.update(methods=["dlb_warmup"]) or _set(
-        d, "params.dlb_warmup.distill_warmup", {"low": 0.0, "high": 1.0}),
-        "params.dlb_warmup.distill_warmup: distill_warmup must be in [0, 1) (got 1.0)"),
+        d, "params.dlb_warmup.distill_warmup", {"low": 0.1, "high": 1.0}),
+        "params.dlb_warmup.distill_warmup: distill_warmup must be in (0, 1) (got 1.0)"),
     "odd batch, dlb": (lambda d: _set(d, "params.common.per_device_train_batch_size", 15),
                        "params.common.per_device_train_batch_size: dlb/dynsdpb split each batch in two halves: every "
                        "batch size must be even and >= 2 (for a range: even low and an even step)"),

@@ -16,6 +16,7 @@ Public API::
     check_value(name, value) -> str | None                what is wrong with one value, or None
     check_batch_size(method, size) -> str | None          the half-batch rule of the paired methods
     check_tau0_in_range(tau0, tau_range) -> str | None    the one rule that ties two parameters
+    check_distinct(method, values) -> (name, problem) | None   no arm trains exactly another arm
     check_values(values, method=None) -> (name, problem) | None   all of the above over a mapping
     methods_using(name) -> tuple[str, ...]                which methods read a parameter
 """
@@ -112,9 +113,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "--granularity", ("dynsdpb",), choices=get_args(Granularity)),
     Param("tau_range", tuple, (0.05, 20.0), "dynsdpb: clamp range (LOW HIGH) for tau; tau0 must lie inside it",
           "--tau-range", ("dynsdpb",), low=0.0, low_inclusive=False),
-    Param("distill_warmup", float, 0.0, "dlb_warmup: the consistency term is off while "
-          "global_step < distill_warmup * max_steps", "--distill-warmup", ("dlb_warmup",),
-          low=0.0, high=1.0, high_inclusive=False),
+    Param("distill_warmup", float, 0.25, "dlb_warmup: the consistency term is off while "
+          "global_step < distill_warmup * max_steps (0 would be dlb itself)", "--distill-warmup", ("dlb_warmup",),
+          low=0.0, low_inclusive=False, high=1.0, high_inclusive=False),
 )}
 
 # Training numbers (TrainingArguments fields, CLI spelling) that the CLI and sweep files check.
@@ -215,11 +216,21 @@ def check_tau0_in_range(tau0: float, tau_range: tuple[float, float]) -> str | No
     return None
 
 
+def check_distinct(method: str | None, values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """An arm must train what its name says, never exactly another arm: ``dynsdpb`` with both rates
+    0 is static DLB (``dlb_warmup``'s warm-up is kept off 0 by its bounds). ``(name, problem)`` or None."""
+    if method == "dynsdpb" and values.get("lambda_alpha") == 0 and values.get("lambda_tau") == 0:
+        return "lambda_tau", ("lambda_alpha = lambda_tau = 0 makes dynsdpb train exactly dlb; "
+                              "give it a non-zero rate")
+    return None
+
+
 def check_values(values: Mapping[str, Any], method: str | None = None) -> tuple[str, str] | None:
     """The first problem among ``values`` (config field name -> value) as ``(name, problem)``, or None.
 
     Checks ``method`` (from ``values`` or the argument), each known parameter present, the batch
-    size against the method, and tau0 against tau_range. Unknown names are ignored.
+    size against the method, tau0 against tau_range, and that the method is not another one in
+    disguise (:func:`check_distinct`). Unknown names are ignored.
     """
     method = values.get("method", method)
     if method is not None and check_value("method", method):
@@ -234,4 +245,4 @@ def check_values(values: Mapping[str, Any], method: str | None = None) -> tuple[
         problem = check_tau0_in_range(values["tau0"], values["tau_range"])
         if problem:
             return "tau_range", problem
-    return None
+    return check_distinct(method, values)

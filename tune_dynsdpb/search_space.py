@@ -41,9 +41,12 @@ from .params import METHODS, PAIRED_METHODS, PARAMS, check_value, param
 
 PAIRED: tuple[str, ...] = tuple(m for m in METHODS if m in PAIRED_METHODS)  # even batch sizes only
 INT_RANGES = ("num_train_epochs", "per_device_train_batch_size")  # may take {int: true} ranges
+# Each arm's warm start is that arm, never another one in disguise: DLB's customary τ0=3, α0=1;
+# the warm-up and the rates are those the real-data sweeps found best (docs/results.md: a quarter
+# of the steps without the term; λα ≈ 0.8, λτ ≈ -0.1 won on SST-2 and STS-B).
 DEFAULT_POINTS = {"dlb": {"tau0": 3.0, "alpha0": 1.0},
-                  "dlb_warmup": {"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.0},
-                  "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.0, "lambda_tau": 0.0}}
+                  "dlb_warmup": {"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.25},
+                  "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.8, "lambda_tau": -0.1}}
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _TAGS = {"{range}", "{choices}", "{value}"}  # discriminator tags pydantic puts into error locations
 
@@ -334,6 +337,7 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
         ends = [p.low, p.high] if isinstance(p, Range) else p.choices if isinstance(p, Choices) else [p]
         if p is not None and not all(lo <= v <= hi for v in ends):
             raise _bad(f"params.{block}.tau0", f"must lie inside tau_range [{lo:g}, {hi:g}] (training.tau_range)")
+    _check_distinct_arms(spec)
     for m, points in (spec.points_to_evaluate or {}).items():
         if m not in METHODS:
             raise _bad(f"points_to_evaluate.{m}", f"unknown method (valid: {', '.join(METHODS)})")
@@ -358,6 +362,37 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
     if spec.budget.grace_period > max_reports(spec):
         raise _bad("budget.grace_period", f"exceeds the {max_reports(spec)} evaluations of the longest trial")
     return spec
+
+
+def _can_be(p: Any, name: str, v: float) -> bool:
+    """Whether a declared parameter (None: the default) can take exactly ``v``. A continuous
+    range reaches its ends (a sampler may return ``low``) but an inner point only with probability 0;
+    a stepped range reaches its grid."""
+    if p is None:
+        return PARAMS[name].default == v
+    if isinstance(p, Range):
+        if not p.low <= v <= p.high:
+            return False
+        return v in (p.low, p.high) or (p.step is not None and p.contains(v))
+    if isinstance(p, Choices):
+        return any(c == v and not isinstance(c, bool) for c in p.choices)
+    return p == v
+
+
+def _check_distinct_arms(spec: SweepSpec) -> None:
+    """No arm may train exactly what another arm trains: dynsdpb whose two rates can both be 0 is
+    static DLB (dlb_warmup's warm-up has an exclusive low bound of 0 in params.py)."""
+    if "dynsdpb" not in spec.methods:
+        return
+    dyn = spec.params.dynsdpb
+    if _can_be(dyn.lambda_alpha, "lambda_alpha", 0.0) and _can_be(dyn.lambda_tau, "lambda_tau", 0.0):
+        raise _bad("params.dynsdpb", "lambda_alpha and lambda_tau can both be 0, which trains exactly dlb: "
+                                     "keep one of them off 0 (e.g. lambda_alpha: {low: 0.1, high: 1.0})")
+    fixed = {k: v for k, v in spec.params.arm("dynsdpb").items() if not isinstance(v, (Range, Choices))}
+    for i, point in enumerate((spec.points_to_evaluate or {}).get("dynsdpb", [])):
+        rates = {k: point.get(k, fixed.get(k, PARAMS[k].default)) for k in ("lambda_alpha", "lambda_tau")}
+        if rates["lambda_alpha"] == 0 and rates["lambda_tau"] == 0:
+            raise _bad(f"points_to_evaluate.dynsdpb.{i}", "both rates 0 trains exactly dlb; give a non-zero rate")
 
 
 def _contains(p: Union[Range, Choices], v: Any) -> bool:

@@ -67,8 +67,10 @@ class DefineByRun:
 
 
 def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
-    """Warm starts of one arm: the file's, else the defaults (DLB's τ0=3, α0=1; DynSDPB with rates
-    0; warm-up DLB with no warm-up), keeping only searched keys inside the declared space."""
+    """Warm starts of one arm: the file's, else the defaults (:data:`search_space.DEFAULT_POINTS`:
+    DLB's τ0=3, α0=1; DynSDPB with the rates and warm-up DLB with the warm-up found best on real
+    data, never a point where an arm trains another arm), keeping only searched keys inside the
+    declared space."""
     from .search_space import DEFAULT_POINTS
 
     searched = {k: v for k, v in spec.params.arm(method).items() if isinstance(v, (Range, Choices))}
@@ -220,6 +222,28 @@ def create_scheduler(spec: SweepSpec, groups: list[Group]) -> GroupedASHA:
                                          reduction_factor=spec.budget.reduction_factor) for g in groups})
 
 
+def tie_notes(state) -> list[str]:
+    """One line per group of arms of a task whose best scores are equal, saying why: every arm
+    trains its own method (:func:`search_space._check_distinct_arms`), so a tie is two different
+    runs that scored the same on a coarse metric (accuracy over n samples moves by 1/n)."""
+    lines = []
+    for task, t in state.tasks.items():
+        by_score: dict[float, list[str]] = {}
+        for method, best in state.scored(task).items():
+            by_score.setdefault(best.score, []).append(method)
+        for score, methods in by_score.items():
+            if len(methods) < 2:
+                continue
+            configs = [state.scored(task)[m].config for m in methods]
+            keys = sorted({k for c in configs for k in c} - {R.METHOD, R.TASK})
+            differ = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+            lines.append(f"{task}: {', '.join(methods)} tie at {score:.4f} with different methods"
+                         f"{' and ' + ', '.join(differ) if differ else ''}: different runs, the same score on "
+                         f"{t.eval_size} eval samples ({t.metric.removeprefix('eval_')} moves in coarse steps, "
+                         f"e.g. accuracy by 1/{t.eval_size})")
+    return lines
+
+
 def create_journal_storage(path: str):
     """Optuna's journal storage in the sweep folder: ``optuna-dashboard <path>`` opens its studies."""
     import optuna
@@ -229,5 +253,5 @@ def create_journal_storage(path: str):
 
 
 __all__: list[str] = ["RoundRobinSearcher", "GroupedASHA", "create_searcher", "create_scheduler",
-                      "create_points_to_evaluate", "create_journal_storage", "group_of", "study_name",
+                      "create_points_to_evaluate", "create_journal_storage", "tie_notes", "group_of", "study_name",
                       "DefineByRun"]

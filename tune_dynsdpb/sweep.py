@@ -588,3 +588,6 @@ def print_summary(state: SweepState, out: Path) -> None:
         out_console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
     for line in arm_problems(state):
         out_console.print(f"[red]no scored trial[/red]: {line}")
+    from .searching import tie_notes
+    for line in tie_notes(state):  # every arm trains its own method; say why two still score the same
+        out_console.print(f"tie: {line}")
