@@ -249,7 +249,7 @@ def test_set_unknown_key_and_malformed_item(tiny_bert, tmp_path, capsys):
     rejected(capsys, ["sweep", path, "--output-dir", out, "--num-samples", "0"], "--num-samples: must be >= 1 (got 0)")
     rejected(capsys, ["sweep", path, "--output-dir", out, "--methods", "sdpb"],
              f"{path} (with --set/--methods/--num-samples): methods.0: unknown method 'sdpb' "
-             "(valid: vanilla, dlb, dlb_warmup, dynsdpb)")
+             "(valid: vanilla, dlb, dlb_warmup, dynsdpb, pbt)")
     nothing_left(tmp_path, out)
 
 

@@ -182,7 +182,7 @@ BAD = [  # (what, replace this, with this, the message after "<file>: ")
      "params.dlb.lambda_tau: unknown key"),
     ("unknown range key", "{low: 0.1, high: 3.0}", "{low: 0.1, hgh: 3.0}", "params.dlb.alpha0.hgh: unknown key"),
     ("unknown method", "[vanilla, dlb, dynsdpb]", "[vanilla, dbl]",
-     "methods.1: unknown method 'dbl' (valid: vanilla, dlb, dlb_warmup, dynsdpb)"),
+     "methods.1: unknown method 'dbl' (valid: vanilla, dlb, dlb_warmup, dynsdpb, pbt)"),
     ("empty range", "{low: 0.0, high: 2.0}", "{low: 2.0, high: 2.0}",
      "params.dynsdpb.lambda_alpha: empty or inverted range: low (2) must be < high (2)"),
     ("inverted range", "{low: 1e-5, high: 1.0e-4, log: true}", "{low: 1e-3, high: 1.0e-4}",

@@ -15,7 +15,7 @@ from tune_dynsdpb import DynSDPBConfig, DynSDPBTrainer, UserError
 from tune_dynsdpb.params import METHODS
 from tune_dynsdpb.trainer import SAMPLE_IDS, TrainingDiverged
 
-assert METHODS == ("vanilla", "dlb", "dlb_warmup", "dynsdpb")
+assert METHODS == ("vanilla", "dlb", "dlb_warmup", "dynsdpb", "pbt")
 
 
 def make_classification(tokenizer, n=32, regression=False, seed=0):

@@ -41,12 +41,15 @@ from .params import METHODS, PAIRED_METHODS, PARAMS, check_value, param
 
 PAIRED: tuple[str, ...] = tuple(m for m in METHODS if m in PAIRED_METHODS)  # even batch sizes only
 INT_RANGES = ("num_train_epochs", "per_device_train_batch_size")  # may take {int: true} ranges
+DEFAULT_ARMS: tuple[str, ...] = tuple(m for m in METHODS if m != "pbt")  # pbt is opt-in: it needs a population
+PBT_MUTABLE: tuple[str, ...] = ("alpha0", "tau0")  # what PBT changes during a pbt trial
 # Each arm's warm start is that arm, never another one in disguise: DLB's customary τ0=3, α0=1;
 # the warm-up and the rates are those the real-data sweeps found best (docs/results.md: a quarter
 # of the steps without the term; λα ≈ 0.8, λτ ≈ -0.1 won on SST-2 and STS-B).
 DEFAULT_POINTS = {"dlb": {"tau0": 3.0, "alpha0": 1.0},
                   "dlb_warmup": {"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.25},
-                  "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.8, "lambda_tau": -0.1}}
+                  "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.8, "lambda_tau": -0.1},
+                  "pbt": {"tau0": 3.0, "alpha0": 1.0}}
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _TAGS = {"{range}", "{choices}", "{value}"}  # discriminator tags pydantic puts into error locations
 
@@ -144,11 +147,18 @@ class DynSDPBParams(DLBParams):
     granularity: Optional[Param] = None
 
 
+class PBTParams(DLBParams):
+    """The pbt arm: the ranges its population starts from and PBT mutates within (alpha0, tau0).
+    Other keys are kept to be refused in one line by :func:`_check_pbt` (PBT cannot mutate them)."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
 class Params(_Strict):
     common: CommonParams = CommonParams()
     dlb: DLBParams = DLBParams()
     dlb_warmup: DLBWarmupParams = DLBWarmupParams()
     dynsdpb: DynSDPBParams = DynSDPBParams()
+    pbt: PBTParams = PBTParams()
 
     def arm(self, method: str) -> dict[str, Any]:
         """The declared params of one arm (common first), without the undeclared ones."""
@@ -163,6 +173,7 @@ class Budget(_Strict):
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: Optional[int] = Field(None, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0)  # the whole sweep; arms stay equal (round-robin)
+    perturbation_interval: Optional[int] = Field(None, ge=1)  # pbt: evaluations between perturbations (None: 1)
 
 
 class Resources(_Strict):
@@ -229,7 +240,7 @@ class SweepSpec(_Strict):
     max_eval_samples: Optional[int] = Field(None, ge=1)
     metric: Optional[str] = None
     mode: Optional[Literal["max", "min"]] = None
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_ARMS))
     seed: int = 0
     budget: Budget = Budget()
     resources: Resources = Resources()
@@ -304,6 +315,27 @@ def max_reports(spec: SweepSpec) -> int:
     return math.ceil((3.0 if epochs is None else epochs) * spec.budget.evals_per_epoch)
 
 
+def _check_pbt(spec: SweepSpec) -> None:
+    """The pbt arm: a population of at least 2, a perturbation interval shorter than the trial, and
+    only parameters PBT can mutate (alpha0, tau0), at least one of them searched."""
+    if "pbt" not in spec.methods:
+        return
+    if spec.budget.num_samples < 2:
+        raise _bad("budget.num_samples", f"the pbt arm needs a population of at least 2 trials "
+                                         f"(got {spec.budget.num_samples})")
+    interval, reports = perturbation_interval(spec), max_reports(spec)
+    if interval >= reports:
+        raise _bad("budget.perturbation_interval", f"{interval} evaluation(s) is not shorter than the trial "
+                                                   f"({reports} evaluations): PBT would never perturb")
+    if not any(isinstance(getattr(spec.params.pbt, k), (Range, Choices)) for k in PBT_MUTABLE):
+        raise _bad("params.pbt", "give alpha0 or tau0 a range or choices: PBT has nothing to mutate")
+
+
+def perturbation_interval(spec: SweepSpec) -> int:
+    """Evaluations between two PBT perturbations: ``budget.perturbation_interval``, else 1."""
+    return spec.budget.perturbation_interval or 1
+
+
 def _check_spec(spec: SweepSpec) -> SweepSpec:
     """Every rule across fields; returns the spec with its parameters normalised (ints)."""
     if not NAME.match(spec.name):
@@ -326,6 +358,11 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
             raise _bad(f"methods.{i}", f"unknown method {m!r} (valid: {', '.join(METHODS)})")
         if spec.methods.index(m) < i:
             raise _bad(f"methods.{i}", f"duplicate method {m!r}")
+    extra = spec.params.pbt.model_extra or {}
+    if extra:  # before the blocks are checked: an unknown name has no bounds
+        key = next(iter(extra))
+        raise _bad(f"params.pbt.{key}", f"PBT cannot mutate {key!r}: the pbt arm is dlb's loss with "
+                                        f"{' and '.join(PBT_MUTABLE)} changed during training")
     paired = any(m in PAIRED for m in spec.methods)
     blocks = {block: getattr(spec.params, block).model_copy(update={
         name: _check_param(f"params.{block}.{name}", name, p, paired)
@@ -338,6 +375,7 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
         if p is not None and not all(lo <= v <= hi for v in ends):
             raise _bad(f"params.{block}.tau0", f"must lie inside tau_range [{lo:g}, {hi:g}] (training.tau_range)")
     _check_distinct_arms(spec)
+    _check_pbt(spec)
     for m, points in (spec.points_to_evaluate or {}).items():
         if m not in METHODS:
             raise _bad(f"points_to_evaluate.{m}", f"unknown method (valid: {', '.join(METHODS)})")
