@@ -7,6 +7,8 @@ cluster stays full until the last trial ends. Two Tune plug-ins keep the groups 
   with the arm's warm starts) and hands out new trials round-robin over the groups. The
   started-trial counts of any two groups therefore never differ by more than one: a sweep cut
   short (Ctrl-C, ``budget.time_budget_s``, a lost cluster) still compares its arms on equal terms.
+  One exception: a ``pbt`` group's population goes out as a block once its turn comes (PBT needs
+  its members side by side), so while it is handed out its count runs ahead by up to N-1.
 * :class:`GroupedASHA` (a ``TrialScheduler``) holds one scheduler per group, so a trial is only
   ever compared with trials of its own task and arm: an ASHA bracket set, or for a ``pbt`` arm
   Tune's ``PopulationBasedTraining`` (synchronous), whose population is that group's
