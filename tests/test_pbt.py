@@ -91,6 +91,12 @@ def test_scheduler_gives_pbt_its_own_population_and_searcher_hands_it_out_whole(
     assert order == ["dlb", "dlb_warmup", "dynsdpb", "pbt", "pbt", "pbt", "dlb", "dlb_warmup", "dynsdpb",
                      "dlb", "dlb_warmup", "dynsdpb"]
 
+    # a member's last report never reaches PBT (it would clone an older checkpoint into a finished trial)
+    member = SimpleNamespace(config={"task": "rte", "method": "pbt"})
+    assert sched.on_trial_result(None, member, {"objective": 0.5, "final": True, "training_iteration": 2}) == "CONTINUE"
+    with pytest.raises((KeyError, TypeError)):  # (not added to PBT here: a report that reaches it fails on the lookup)
+        sched.on_trial_result(SimpleNamespace(get_trials=list), member, {"objective": 0.5, "training_iteration": 1})
+
     trials = [SimpleNamespace(config={"task": "rte", "method": m}) for m in ("dlb", "pbt", "pbt")]
     view = _GroupView(SimpleNamespace(get_trials=lambda: trials, get_live_trials=lambda: set(trials),
                                       search_alg="a searcher"), ("rte", "pbt"))

@@ -273,6 +273,10 @@ class GroupedASHA(FIFOScheduler):
         s = self._of(trial)
         if s is None or R.OBJECTIVE not in result:
             return TrialScheduler.CONTINUE
+        if isinstance(s, PopulationBasedTraining) and result.get(R.FINAL):
+            # a member's last report ends it: PBT must not clone an older checkpoint into it (it
+            # would train past its budget); finished, it leaves the population's synchronisation
+            return TrialScheduler.CONTINUE
         return s.on_trial_result(self._view(tune_controller, trial), trial, result)
 
     def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
