@@ -20,9 +20,9 @@ def spec_dict(model: Path, name="e2e", methods=("vanilla", "dlb", "dynsdpb"), nu
                        "per_device_train_batch_size": 16},
             "dlb": {"alpha0": {"low": 0.5, "high": 2.0}, "tau0": {"low": 1.0, "high": 4.0}},
             "dlb_warmup": {"alpha0": {"low": 0.5, "high": 2.0}, "tau0": {"low": 1.0, "high": 4.0},
-                           "distill_warmup": {"low": 0.0, "high": 0.5}},
+                           "distill_warmup": {"low": 0.05, "high": 0.5}},
             "dynsdpb": {"alpha0": {"low": 0.5, "high": 2.0}, "tau0": {"low": 1.0, "high": 4.0},
-                        "lambda_alpha": {"low": 0.0, "high": 1.0}, "lambda_tau": {"low": 0.0, "high": 1.0}},
+                        "lambda_alpha": {"low": 0.0, "high": 1.0}, "lambda_tau": {"low": 0.1, "high": 1.0}},
         },
     }
     if tasks is None:

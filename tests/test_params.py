@@ -12,26 +12,28 @@ from tune_dynsdpb.trainer import DynSDPBConfig
 
 
 def test_methods():
-    assert params.METHODS == ("vanilla", "dlb", "dlb_warmup", "dynsdpb")
-    assert params.PAIRED_METHODS == {"dlb", "dlb_warmup", "dynsdpb"}
+    assert params.METHODS == ("vanilla", "dlb", "dlb_warmup", "dynsdpb", "pbt")
+    assert params.PAIRED_METHODS == {"dlb", "dlb_warmup", "dynsdpb", "pbt"}
     assert params.DEFAULT_METHOD == "dynsdpb"
 
 
 def test_the_table():
     p = params.PARAMS
-    assert set(p) == {"alpha0", "tau0", "lambda_alpha", "lambda_tau", "granularity", "tau_range", "distill_warmup"}
+    assert set(p) == {"alpha0", "tau0", "lambda_alpha", "lambda_tau", "granularity", "tau_range", "distill_warmup",
+                      "schedule"}
     assert {n: x.default for n, x in p.items()} == {
         "alpha0": 1.0, "tau0": 3.0, "lambda_alpha": 1.0, "lambda_tau": 0.5, "granularity": "sample",
-        "tau_range": (0.05, 20.0), "distill_warmup": 0.0}
+        "tau_range": (0.05, 20.0), "distill_warmup": 0.25, "schedule": ()}
     assert params.bounds("alpha0") == (0.0, True, None, True)
     assert params.bounds("tau0") == (0.0, False, None, True)
     assert params.bounds("lambda_tau") == (-1.0, False, None, True)
-    assert params.bounds("distill_warmup") == (0.0, True, 1.0, False)
+    assert params.bounds("distill_warmup") == (0.0, False, 1.0, False)
     assert p["granularity"].choices == ("sample", "batch")
     assert params.methods_using("distill_warmup") == ("dlb_warmup",)
     assert params.methods_using("lambda_alpha") == ("dynsdpb",)
     assert {p[n].flag for n in p} == {"--alpha0", "--tau0", "--lambda-alpha", "--lambda-tau", "--granularity",
-                                      "--tau-range", "--distill-warmup"}
+                                      "--tau-range", "--distill-warmup", "--schedule"}
+    assert params.methods_using("schedule") == ("dlb", "pbt")
 
 
 @pytest.mark.parametrize("name,value,problem", [
@@ -41,8 +43,8 @@ def test_the_table():
     ("granularity", "token", "must be one of sample, batch (got 'token')"), ("granularity", "batch", None),
     ("tau_range", (0.1, 10.0), None), ("tau_range", (2.0, 1.0), "must have LOW <= HIGH (got (2.0, 1.0))"),
     ("tau_range", (0.0, 1.0), "must have both ends > 0 (got (0.0, 1.0))"),
-    ("distill_warmup", 0.99, None), ("distill_warmup", 1.0, "must be in [0, 1) (got 1.0)"),
-    ("method", "dlb_warmup", None), ("method", "kd", "must be one of vanilla, dlb, dlb_warmup, dynsdpb (got 'kd')"),
+    ("distill_warmup", 0.99, None), ("distill_warmup", 1.0, "must be in (0, 1) (got 1.0)"),
+    ("method", "dlb_warmup", None), ("method", "kd", "must be one of vanilla, dlb, dlb_warmup, dynsdpb, pbt (got 'kd')"),
     ("max_steps", -1, None), ("max_steps", 0, "must be -1 (unset) or an integer >= 1 (got 0)"),
     ("num_train_epochs", 0.0, "must be > 0 (got 0.0)"), ("per_device_train_batch_size", 2.5, "must be an integer >= 1 (got 2.5)"),
 ])

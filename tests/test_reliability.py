@@ -115,8 +115,8 @@ SPEC_CASES = {  # id: (edit of the spec dict, the line after "<file>: ")
     "time_budget_s 0": (lambda d: _set(d, "budget.time_budget_s", 0), "budget.time_budget_s: Input should be "
                                                                          "greater than 0"),
     "distill_warmup 1": (lambda d: d.update(methods=["dlb_warmup"]) or _set(
-        d, "params.dlb_warmup.distill_warmup", {"low": 0.0, "high": 1.0}),
-        "params.dlb_warmup.distill_warmup: distill_warmup must be in [0, 1) (got 1.0)"),
+        d, "params.dlb_warmup.distill_warmup", {"low": 0.1, "high": 1.0}),
+        "params.dlb_warmup.distill_warmup: distill_warmup must be in (0, 1) (got 1.0)"),
     "odd batch, dlb": (lambda d: _set(d, "params.common.per_device_train_batch_size", 15),
                        "params.common.per_device_train_batch_size: dlb/dynsdpb split each batch in two halves: every "
                        "batch size must be even and >= 2 (for a range: even low and an even step)"),
@@ -169,7 +169,7 @@ def test_set_unknown_key_and_malformed_item(tiny_bert, tmp_path, capsys):
     rejected(capsys, ["sweep", path, "--output-dir", out, "--num-samples", "0"], "--num-samples: must be >= 1 (got 0)")
     rejected(capsys, ["sweep", path, "--output-dir", out, "--methods", "sdpb"],
              f"{path} (with --set/--methods/--num-samples): methods.0: unknown method 'sdpb' "
-             "(valid: vanilla, dlb, dlb_warmup, dynsdpb)")
+             "(valid: vanilla, dlb, dlb_warmup, dynsdpb, pbt)")
     nothing_left(tmp_path, out)
 
 

@@ -134,7 +134,7 @@ def test_searcher_scheduler_and_warm_starts(tmp_path):
     assert create_points_to_evaluate(spec, "vanilla") == []
     assert create_points_to_evaluate(spec, "dlb") == [{"tau0": 3.0, "alpha0": 1.0}]
     dyn = create_points_to_evaluate(spec, "dynsdpb")
-    assert dyn == [{"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.0, "lambda_tau": 0.0}]
+    assert dyn == [{"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.8, "lambda_tau": -0.1}]
 
     groups = [("rte", m) for m in spec.methods]
     searcher = create_searcher(spec, groups)
@@ -182,7 +182,7 @@ BAD = [  # (what, replace this, with this, the message after "<file>: ")
      "params.dlb.lambda_tau: unknown key"),
     ("unknown range key", "{low: 0.1, high: 3.0}", "{low: 0.1, hgh: 3.0}", "params.dlb.alpha0.hgh: unknown key"),
     ("unknown method", "[vanilla, dlb, dynsdpb]", "[vanilla, dbl]",
-     "methods.1: unknown method 'dbl' (valid: vanilla, dlb, dlb_warmup, dynsdpb)"),
+     "methods.1: unknown method 'dbl' (valid: vanilla, dlb, dlb_warmup, dynsdpb, pbt)"),
     ("empty range", "{low: 0.0, high: 2.0}", "{low: 2.0, high: 2.0}",
      "params.dynsdpb.lambda_alpha: empty or inverted range: low (2) must be < high (2)"),
     ("inverted range", "{low: 1e-5, high: 1.0e-4, log: true}", "{low: 1e-3, high: 1.0e-4}",
@@ -295,17 +295,17 @@ def test_apply_overrides():
 
 def test_dlb_warmup_block(tmp_path):
     raw = {**MINIMAL, "methods": ["dlb", "dlb_warmup"],
-           "params": {"dlb_warmup": {"distill_warmup": {"low": 0.0, "high": 0.5},
+           "params": {"dlb_warmup": {"distill_warmup": {"low": 0.05, "high": 0.5},
                                      "alpha0": {"low": 0.5, "high": 2.0}, "tau0": {"low": 1.0, "high": 4.0}}}}
     spec = parse_search_space(raw, "f.yaml")
-    assert create_points_to_evaluate(spec, "dlb_warmup") == [{"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.0}]
+    assert create_points_to_evaluate(spec, "dlb_warmup") == [{"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.25}]
     assert create_points_to_evaluate(spec, "dlb") == []  # the dlb block searches nothing
     study = optuna.create_study()
     for _ in range(5):
         trial = study.ask()
         const = DefineByRun(spec, ("rte", "dlb_warmup"))(trial)
         assert const == {"task": "rte", "method": "dlb_warmup"}
-        assert 0.0 <= trial.params["distill_warmup"] <= 0.5
+        assert 0.05 <= trial.params["distill_warmup"] <= 0.5
         study.tell(trial, 0.0)
     fixed = parse_search_space({**raw, "params": {"dlb_warmup": {"distill_warmup": 0.25}}}, "f.yaml")
     assert DefineByRun(fixed, ("rte", "dlb_warmup"))(optuna.create_study().ask())["distill_warmup"] == 0.25
@@ -315,11 +315,14 @@ def test_dlb_warmup_block(tmp_path):
         return user_error(parse_search_space, {**raw, "params": {"dlb_warmup": block}}, "f.yaml")
 
     where = "f.yaml: params.dlb_warmup.distill_warmup"
-    assert bad({"distill_warmup": {"low": 0.0, "high": 1.0}}) == f"{where}: distill_warmup must be in [0, 1) (got 1.0)"
+    assert bad({"distill_warmup": {"low": 0.1, "high": 1.0}}) == f"{where}: distill_warmup must be in (0, 1) (got 1.0)"
     assert bad({"distill_warmup": {"low": -0.1, "high": 0.5}}) == (
-        f"{where}: distill_warmup must be in [0, 1) (got -0.1)")
-    assert bad({"distill_warmup": 1.0}) == f"{where}: distill_warmup must be in [0, 1) (got 1.0)"
-    assert bad({"distill_warmup": {"choices": [0.0, 1.5]}}) == f"{where}: distill_warmup must be in [0, 1) (got 1.5)"
+        f"{where}: distill_warmup must be in (0, 1) (got -0.1)")
+    assert bad({"distill_warmup": 1.0}) == f"{where}: distill_warmup must be in (0, 1) (got 1.0)"
+    assert bad({"distill_warmup": {"choices": [0.1, 1.5]}}) == f"{where}: distill_warmup must be in (0, 1) (got 1.5)"
+    # a warm-up of 0 is dlb itself: refused as a value, a range end or a choice
+    assert bad({"distill_warmup": {"low": 0.0, "high": 0.5}}) == f"{where}: distill_warmup must be in (0, 1) (got 0.0)"
+    assert bad({"distill_warmup": 0}) == f"{where}: distill_warmup must be in (0, 1) (got 0)"
     assert user_error(parse_search_space, {**raw, "params": {"dlb": {"distill_warmup": 0.5}}}, "f.yaml") == (
         "f.yaml: params.dlb.distill_warmup: unknown key")  # only dlb_warmup has a warm-up
 

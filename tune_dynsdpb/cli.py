@@ -40,6 +40,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
             kwargs.update(choices=list(spec.choices), help=spec.help)
         elif spec.type is tuple:
             kwargs.update(type=float, nargs=2, metavar=("LOW", "HIGH"))
+        elif spec.type is list:  # the schedule
+            kwargs.update(type=params.parse_schedule_entry, nargs="+", metavar="STEP:ALPHA:TAU")
         else:
             kwargs.update(type=spec.type, metavar=_metavar(spec))
         g.add_argument(spec.flag, **kwargs)

@@ -80,6 +80,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
     from trainables.dynsdpb import eval_interval
 
     from .experiment import check_resources, create_trainable, init_ray, prepare_tasks
+    from .searching import replay_config
     from .files import staged_output
     from .sweep import create_loggers, fit_tuner
     from .tracking import SweepTracker, open_tracking_uri
@@ -114,7 +115,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
     seed_list = [spec.seed + i for i in range(seeds)]
     configs = []
     for n in names:
-        for c in final_configs({m: b["config"] for m, b in best[n].items()}, seed_list, budget):
+        for c in final_configs({m: replay_config(b) for m, b in best[n].items()}, seed_list, budget):
             c["grad_norm_log_steps"] = (grad_norm_steps if grad_norm_steps is not None else
                                         eval_interval(len(prepared[n].train), c, prepared[n].job))
             configs.append(c)

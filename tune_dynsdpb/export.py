@@ -137,6 +137,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     from mlflow.models import infer_signature
 
     from .data import load_task
+    from .searching import replay_config
     from .state import open_sweep
     from .tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP, SweepTracker, check_tracking_uri, open_tracking_uri
 
@@ -198,7 +199,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
                         signature=infer_signature(example, output), input_example=example,
                         model_config=model_config, pip_requirements=reqs)
                 logged.append(info.model_id)
-                config = b.get("config") or {}
+                config = replay_config(b) if b.get("config") else {}  # a pbt arm's: with its learned schedule
                 tags = {"tune_dynsdpb.sweep_id": state.sweep_id, "tune_dynsdpb.arm": m,
                         "tune_dynsdpb.metric": b["metric"], "tune_dynsdpb.metric_value": repr(float(b["score"])),
                         "tune_dynsdpb.seed": str(config.get("seed", spec.seed)), TAG_TASK: task.name,

@@ -16,6 +16,9 @@ Public API::
     check_value(name, value) -> str | None                what is wrong with one value, or None
     check_batch_size(method, size) -> str | None          the half-batch rule of the paired methods
     check_tau0_in_range(tau0, tau_range) -> str | None    the one rule that ties two parameters
+    check_distinct(method, values) -> (name, problem) | None   no arm trains exactly another arm
+    check_schedule(value) -> str | None                   a (step, alpha, tau) schedule, ordered by step
+    alpha_tau_at, effective_schedule, continue_schedule   reading and extending a schedule (dlb, pbt)
     check_values(values, method=None) -> (name, problem) | None   all of the above over a mapping
     methods_using(name) -> tuple[str, ...]                which methods read a parameter
 """
@@ -26,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, NamedTuple, get_args
 
-Method = Literal["vanilla", "dlb", "dlb_warmup", "dynsdpb"]
+Method = Literal["vanilla", "dlb", "dlb_warmup", "dynsdpb", "pbt"]
 METHODS: tuple[str, ...] = get_args(Method)
 Granularity = Literal["sample", "batch"]
 DEFAULT_METHOD: str = "dynsdpb"
@@ -42,13 +45,18 @@ def passes_per_epoch(method: str) -> int:
 
 
 METHOD_HELP = ("vanilla: plain fine-tuning; dlb: static alpha0/tau0; dlb_warmup: dlb with the term off for the "
-               "first distill_warmup of the steps; dynsdpb: adaptive alpha/tau")
+               "first distill_warmup of the steps; dynsdpb: adaptive alpha/tau; pbt: dlb whose alpha/tau "
+               "population-based training changes during training (or a schedule it learned, replayed)")
 
-_DISTILLING = ("dlb", "dlb_warmup", "dynsdpb")
+_DISTILLING = ("dlb", "dlb_warmup", "dynsdpb", "pbt")
+# Methods whose consistency term is static DLB's, with alpha/tau from a schedule when one is given.
+SCHEDULED: tuple[str, ...] = ("dlb", "pbt")
+Schedule = tuple[tuple[int, float, float], ...]  # ((step, alpha, tau), ...), ordered by step
 
 
 class Bounds(NamedTuple):
     """``low``/``high`` are None where unbounded; the flags say whether the bound itself is allowed."""
+
 
     low: float | None
     low_inclusive: bool
@@ -58,8 +66,9 @@ class Bounds(NamedTuple):
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter. ``type`` is ``float``, ``int``, ``str`` (with ``choices``) or ``tuple`` (a
-    pair of floats, each element within the bounds, ordered low <= high)."""
+    """One parameter. ``type`` is ``float``, ``int``, ``str`` (with ``choices``), ``tuple`` (a
+    pair of floats, each element within the bounds, ordered low <= high) or ``list`` (the
+    schedule: ``(step, alpha, tau)`` entries, see :func:`check_schedule`)."""
 
     name: str
     type: type
@@ -112,9 +121,12 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
           "--granularity", ("dynsdpb",), choices=get_args(Granularity)),
     Param("tau_range", tuple, (0.05, 20.0), "dynsdpb: clamp range (LOW HIGH) for tau; tau0 must lie inside it",
           "--tau-range", ("dynsdpb",), low=0.0, low_inclusive=False),
-    Param("distill_warmup", float, 0.0, "dlb_warmup: the consistency term is off while "
-          "global_step < distill_warmup * max_steps", "--distill-warmup", ("dlb_warmup",),
-          low=0.0, high=1.0, high_inclusive=False),
+    Param("distill_warmup", float, 0.25, "dlb_warmup: the consistency term is off while "
+          "global_step < distill_warmup * max_steps (0 would be dlb itself)", "--distill-warmup", ("dlb_warmup",),
+          low=0.0, low_inclusive=False, high=1.0, high_inclusive=False),
+    Param("schedule", list, (), "dlb/pbt: piecewise-constant alpha/tau: from optimizer step STEP on (global_step "
+          ">= STEP), alpha and tau are ALPHA and TAU; before the first entry alpha0 and tau0",
+          "--schedule", SCHEDULED),
 )}
 
 # Training numbers (TrainingArguments fields, CLI spelling) that the CLI and sweep files check.
@@ -177,6 +189,8 @@ def check_value(name: str, value: Any) -> str | None:
         return None
     if p.choices is not None:
         return None if value in p.choices else f"must be {p.rule} {got}"
+    if p.type is list:
+        return check_schedule(value)
     if p.type is tuple:
         if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_number(v) for v in value):
             return f"must be two numbers LOW HIGH {got}"
@@ -203,6 +217,72 @@ def check_value(name: str, value: Any) -> str | None:
     return None
 
 
+def check_schedule(value: Any) -> str | None:
+    """A schedule is a sequence of ``(step, alpha, tau)``: step a whole number >= 0, strictly
+    increasing (ordered by step), alpha within alpha0's bounds, tau within tau0's. None if fine."""
+    if not isinstance(value, (tuple, list)):
+        return f"must be a list of (step, alpha, tau) (got {value!r})"
+    last = None
+    for i, entry in enumerate(value):
+        if (not isinstance(entry, (tuple, list)) or len(entry) != 3 or not all(_is_number(v) for v in entry)
+                or not all(math.isfinite(v) for v in entry)):
+            return f"entry {i} must be three numbers (step, alpha, tau) (got {entry!r})"
+        step, alpha, tau = entry
+        if not _is_number(step, integer=True) or step < 0:
+            return f"entry {i}: step must be a whole number >= 0 (got {step!r})"
+        if last is not None and step <= last:
+            return f"must be ordered by step: entry {i} (step {step:g}) comes after step {last:g}"
+        for name, v in (("alpha0", alpha), ("tau0", tau)):
+            if not PARAMS[name].contains(v):
+                return f"entry {i}: {name.removesuffix('0')} must be {PARAMS[name].rule} (got {v!r})"
+        last = step
+    return None
+
+
+def parse_schedule_entry(text: str) -> tuple[float, float, float]:
+    """``"STEP:ALPHA:TAU"`` (the ``--schedule`` flag) as three numbers; checked by :func:`check_schedule`."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"expected STEP:ALPHA:TAU, got {text!r}")
+    step, alpha, tau = (float(x) for x in parts)
+    return (int(step) if step.is_integer() else step), alpha, tau
+
+
+def normalize_schedule(value: Any) -> Schedule:
+    """A checked schedule as a tuple of ``(int step, float alpha, float tau)``."""
+    return tuple((int(s), float(a), float(t)) for s, a, t in value)
+
+
+def alpha_tau_at(schedule: Schedule, step: int, alpha0: float, tau0: float) -> tuple[float, float]:
+    """The (alpha, tau) in effect at optimizer step ``step`` (``global_step``): the last entry whose
+    step is <= ``step``, or (alpha0, tau0) before the first entry."""
+    alpha, tau = alpha0, tau0
+    for s, a, t in schedule:
+        if s > step:
+            break
+        alpha, tau = a, t
+    return alpha, tau
+
+
+def effective_schedule(schedule: Schedule, alpha0: float, tau0: float) -> Schedule:
+    """The whole schedule a run follows, starting at step 0 (``(0, alpha0, tau0)`` first if the
+    schedule starts later)."""
+    schedule = normalize_schedule(schedule)
+    if schedule and schedule[0][0] == 0:
+        return schedule
+    return ((0, float(alpha0), float(tau0)),) + schedule
+
+
+def continue_schedule(past: Any, step: int, alpha: float, tau: float) -> Schedule:
+    """A schedule restored at optimizer step ``step`` with new (alpha, tau): ``past``'s entries
+    before ``step``, then ``(step, alpha, tau)`` where that changes the value in effect (PBT's
+    exploit: the history of the checkpoint, the mutated config from there on)."""
+    kept = tuple(e for e in normalize_schedule(past) if e[0] < step)
+    if kept and alpha_tau_at(kept, step, alpha, tau) == (float(alpha), float(tau)):
+        return kept
+    return kept + ((int(step), float(alpha), float(tau)),)
+
+
 def check_batch_size(method: str, size: Any) -> str | None:
     """The paired methods need an even batch size >= 2 (two halves); None if ``size`` is fine."""
     problem = check_value("per_device_train_batch_size", size)
@@ -221,11 +301,28 @@ def check_tau0_in_range(tau0: float, tau_range: tuple[float, float]) -> str | No
     return None
 
 
+def check_schedule_method(method: str | None, values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Only the static-DLB methods follow a schedule."""
+    if method is not None and values.get("schedule") and method not in SCHEDULED:
+        return "schedule", f"only {' and '.join(SCHEDULED)} follow a schedule (method {method!r})"
+    return None
+
+
+def check_distinct(method: str | None, values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """An arm must train what its name says, never exactly another arm: ``dynsdpb`` with both rates
+    0 is static DLB (``dlb_warmup``'s warm-up is kept off 0 by its bounds). ``(name, problem)`` or None."""
+    if method == "dynsdpb" and values.get("lambda_alpha") == 0 and values.get("lambda_tau") == 0:
+        return "lambda_tau", ("lambda_alpha = lambda_tau = 0 makes dynsdpb train exactly dlb; "
+                              "give it a non-zero rate")
+    return None
+
+
 def check_values(values: Mapping[str, Any], method: str | None = None) -> tuple[str, str] | None:
     """The first problem among ``values`` (config field name -> value) as ``(name, problem)``, or None.
 
     Checks ``method`` (from ``values`` or the argument), each known parameter present, the batch
-    size against the method, and tau0 against tau_range. Unknown names are ignored.
+    size against the method, tau0 against tau_range, and that the method is not another one in
+    disguise (:func:`check_distinct`). Unknown names are ignored.
     """
     method = values.get("method", method)
     if method is not None and check_value("method", method):
@@ -240,4 +337,4 @@ def check_values(values: Mapping[str, Any], method: str | None = None) -> tuple[
         problem = check_tau0_in_range(values["tau0"], values["tau_range"])
         if problem:
             return "tau_range", problem
-    return None
+    return check_schedule_method(method, values) or check_distinct(method, values)

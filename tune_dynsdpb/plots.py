@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-COLORS = {"vanilla": "tab:gray", "dlb": "tab:blue", "dlb_warmup": "tab:cyan", "dynsdpb": "tab:red"}
+COLORS = {"vanilla": "tab:gray", "dlb": "tab:blue", "dlb_warmup": "tab:cyan", "dynsdpb": "tab:red", "pbt": "tab:green"}
 NOT_PARAMS = frozenset({"score", "trial_id", "method", "seed", "status", "run_id"})
 
 
@@ -64,21 +64,36 @@ def eval_curves(histories: dict[str, list[pd.DataFrame]], metric: str, path: Pat
     return _save(fig, path)
 
 
-def alpha_tau(histories: list[pd.DataFrame], path: Path) -> Path | None:
-    """DynSDPB's α and τ over training: the interval mean (line) and min..max (band), averaged over seeds."""
-    if not any(h is not None and "alpha_mean" in h for h in histories):
+def alpha_tau(histories: list[pd.DataFrame], path: Path, schedule: list | None = None,
+              constants: tuple[float, float] | None = None) -> Path | None:
+    """DynSDPB's α and τ over training: the interval mean (line) and min..max (band), averaged over
+    seeds; beside it the pbt arm's learned schedule (``[[step, alpha, tau], ...]``, a step line held
+    to the last step drawn) and static DLB's constants (``(alpha0, tau0)``, dashed)."""
+    has_dyn = any(h is not None and "alpha_mean" in h for h in histories)
+    if not has_dyn and not schedule:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, name in zip(axes, ("alpha", "tau")):
-        mean = mean_std_by_step(histories, f"{name}_mean")
-        lo, hi = mean_std_by_step(histories, f"{name}_min"), mean_std_by_step(histories, f"{name}_max")
-        ax.plot(mean["step"], mean["mean"], color="tab:red", marker="o", ms=3, label=f"{name} mean")
-        if not lo.empty and not hi.empty:
-            band = lo.merge(hi, on="step", suffixes=("_lo", "_hi"))
-            ax.fill_between(band["step"], band["mean_lo"], band["mean_hi"], alpha=0.2, color="tab:red",
-                            label=f"{name} min..max")
-        ax.set(xlabel="training step", ylabel=name, title=f"dynsdpb: {name} per logging interval")
-        ax.legend()
+    for i, (ax, name) in enumerate(zip(axes, ("alpha", "tau"))):
+        last = 0
+        if has_dyn:
+            mean = mean_std_by_step(histories, f"{name}_mean")
+            lo, hi = mean_std_by_step(histories, f"{name}_min"), mean_std_by_step(histories, f"{name}_max")
+            ax.plot(mean["step"], mean["mean"], color=COLORS["dynsdpb"], marker="o", ms=3, label=f"dynsdpb {name} mean")
+            if not lo.empty and not hi.empty:
+                band = lo.merge(hi, on="step", suffixes=("_lo", "_hi"))
+                ax.fill_between(band["step"], band["mean_lo"], band["mean_hi"], alpha=0.2, color=COLORS["dynsdpb"],
+                                label=f"dynsdpb {name} min..max")
+            last = int(mean["step"].max()) if not mean.empty else 0
+        if schedule:
+            steps = [int(e[0]) for e in schedule]
+            values = [float(e[1 + i]) for e in schedule]
+            end = max(last, steps[-1] + 1)
+            ax.step(steps + [end], values + [values[-1]], where="post", color=COLORS["pbt"], lw=2,
+                    label=f"pbt: learned {name}")
+        if constants is not None:
+            ax.axhline(constants[i], color=COLORS["dlb"], ls="--", label=f"dlb: {name}0 = {constants[i]:.3g}")
+        ax.set(xlabel="training step", ylabel=name, title=f"{name} over training")
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -22,8 +22,8 @@ import numpy as np
 
 from .baselines import baseline_name, beats, learned_line
 
-COMPARISONS = (("dynsdpb", "dlb"), ("dynsdpb", "vanilla"), ("dynsdpb", "dlb_warmup"))
-ARM_ORDER = ("vanilla", "dlb", "dlb_warmup", "dynsdpb")
+COMPARISONS = (("dynsdpb", "dlb"), ("dynsdpb", "vanilla"), ("dynsdpb", "dlb_warmup"), ("pbt", "dlb"), ("pbt", "dynsdpb"))
+ARM_ORDER = ("vanilla", "dlb", "dlb_warmup", "dynsdpb", "pbt")
 # The two params of each arm's sensitivity map (the DLB and DynSDPB papers' figures).
 HEATMAP_AXES = {"dlb": ("tau0", "alpha0"), "dlb_warmup": ("tau0", "alpha0"),
                 "dynsdpb": ("lambda_alpha", "lambda_tau")}
@@ -201,9 +201,15 @@ def _order(arms) -> list[str]:
 
 # -- the finals report ----------------------------------------------------------------------------
 _PLOT_TITLES = {"eval_curve.png": "{metric} against training step (mean ± std over seeds)",
-                "alpha_tau.png": "dynsdpb: α and τ over training (interval mean, min..max band)",
+                "alpha_tau.png": "α and τ over training: dynsdpb (interval mean, min..max band), the pbt arm's "
+                                 "learned schedule, dlb's constants",
                 "best_so_far.png": "Sweep: best score so far against trial count",
                 "grad_norms.png": "Per-layer gradient norms over training"}
+
+
+def _dlb_constants(best: dict | None) -> tuple[float, float] | None:
+    config = (best or {}).get("config") or {}
+    return (float(config["alpha0"]), float(config["tau0"])) if "alpha0" in config and "tau0" in config else None
 
 
 def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: str, seeds: list[int],
@@ -249,7 +255,9 @@ def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: st
 
     pngs = {
         "eval_curve.png": plots.eval_curves(histories, metric, folder / "eval_curve.png"),
-        "alpha_tau.png": plots.alpha_tau(histories.get("dynsdpb", []), folder / "alpha_tau.png"),
+        "alpha_tau.png": plots.alpha_tau(histories.get("dynsdpb", []), folder / "alpha_tau.png",
+                                         schedule=(best.get("pbt") or {}).get("schedule"),
+                                         constants=_dlb_constants(best.get("dlb"))),
         "best_so_far.png": plots.best_so_far(sweep_scores, mode, metric, folder / "best_so_far.png"),
         "grad_norms.png": plots.grad_norms(histories, folder / "grad_norms.png"),
     }

@@ -41,9 +41,15 @@ from .params import METHODS, PAIRED_METHODS, PARAMS, check_value, param
 
 PAIRED: tuple[str, ...] = tuple(m for m in METHODS if m in PAIRED_METHODS)  # even batch sizes only
 INT_RANGES = ("num_train_epochs", "per_device_train_batch_size")  # may take {int: true} ranges
+DEFAULT_ARMS: tuple[str, ...] = tuple(m for m in METHODS if m != "pbt")  # pbt is opt-in: it needs a population
+PBT_MUTABLE: tuple[str, ...] = ("alpha0", "tau0")  # what PBT changes during a pbt trial
+# Each arm's warm start is that arm, never another one in disguise: DLB's customary τ0=3, α0=1;
+# the warm-up and the rates are those the real-data sweeps found best (docs/results.md: a quarter
+# of the steps without the term; λα ≈ 0.8, λτ ≈ -0.1 won on SST-2 and STS-B).
 DEFAULT_POINTS = {"dlb": {"tau0": 3.0, "alpha0": 1.0},
-                  "dlb_warmup": {"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.0},
-                  "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.0, "lambda_tau": 0.0}}
+                  "dlb_warmup": {"tau0": 3.0, "alpha0": 1.0, "distill_warmup": 0.25},
+                  "dynsdpb": {"tau0": 3.0, "alpha0": 1.0, "lambda_alpha": 0.8, "lambda_tau": -0.1},
+                  "pbt": {"tau0": 3.0, "alpha0": 1.0}}
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _TAGS = {"{range}", "{choices}", "{value}"}  # discriminator tags pydantic puts into error locations
 
@@ -141,11 +147,18 @@ class DynSDPBParams(DLBParams):
     granularity: Optional[Param] = None
 
 
+class PBTParams(DLBParams):
+    """The pbt arm: the ranges its population starts from and PBT mutates within (alpha0, tau0).
+    Other keys are kept to be refused in one line by :func:`_check_pbt` (PBT cannot mutate them)."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
 class Params(_Strict):
     common: CommonParams = CommonParams()
     dlb: DLBParams = DLBParams()
     dlb_warmup: DLBWarmupParams = DLBWarmupParams()
     dynsdpb: DynSDPBParams = DynSDPBParams()
+    pbt: PBTParams = PBTParams()
 
     def arm(self, method: str) -> dict[str, Any]:
         """The declared params of one arm (common first), without the undeclared ones."""
@@ -160,6 +173,7 @@ class Budget(_Strict):
     reduction_factor: int = Field(2, ge=2)
     max_concurrent: Optional[int] = Field(None, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0)  # the whole sweep; arms stay equal (round-robin)
+    perturbation_interval: Optional[int] = Field(None, ge=1)  # pbt: evaluations between perturbations (None: 1)
 
 
 class Resources(_Strict):
@@ -239,7 +253,7 @@ class SweepSpec(_Strict):
     max_truncated_fraction: TruncatedFraction = None  # None: truncation is counted and printed, never refused
     metric: Optional[str] = None
     mode: Optional[Literal["max", "min"]] = None
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_ARMS))
     seed: int = 0
     budget: Budget = Budget()
     resources: Resources = Resources()
@@ -314,6 +328,27 @@ def max_reports(spec: SweepSpec) -> int:
     return math.ceil((3.0 if epochs is None else epochs) * spec.budget.evals_per_epoch)
 
 
+def _check_pbt(spec: SweepSpec) -> None:
+    """The pbt arm: a population of at least 2, a perturbation interval shorter than the trial, and
+    only parameters PBT can mutate (alpha0, tau0), at least one of them searched."""
+    if "pbt" not in spec.methods:
+        return
+    if spec.budget.num_samples < 2:
+        raise _bad("budget.num_samples", f"the pbt arm needs a population of at least 2 trials "
+                                         f"(got {spec.budget.num_samples})")
+    interval, reports = perturbation_interval(spec), max_reports(spec)
+    if interval >= reports:
+        raise _bad("budget.perturbation_interval", f"{interval} evaluation(s) is not shorter than the trial "
+                                                   f"({reports} evaluations): PBT would never perturb")
+    if not any(isinstance(getattr(spec.params.pbt, k), (Range, Choices)) for k in PBT_MUTABLE):
+        raise _bad("params.pbt", "give alpha0 or tau0 a range or choices: PBT has nothing to mutate")
+
+
+def perturbation_interval(spec: SweepSpec) -> int:
+    """Evaluations between two PBT perturbations: ``budget.perturbation_interval``, else 1."""
+    return spec.budget.perturbation_interval or 1
+
+
 def _check_spec(spec: SweepSpec) -> SweepSpec:
     """Every rule across fields; returns the spec with its parameters normalised (ints)."""
     if not NAME.match(spec.name):
@@ -336,6 +371,11 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
             raise _bad(f"methods.{i}", f"unknown method {m!r} (valid: {', '.join(METHODS)})")
         if spec.methods.index(m) < i:
             raise _bad(f"methods.{i}", f"duplicate method {m!r}")
+    extra = spec.params.pbt.model_extra or {}
+    if extra:  # before the blocks are checked: an unknown name has no bounds
+        key = next(iter(extra))
+        raise _bad(f"params.pbt.{key}", f"PBT cannot mutate {key!r}: the pbt arm is dlb's loss with "
+                                        f"{' and '.join(PBT_MUTABLE)} changed during training")
     paired = any(m in PAIRED for m in spec.methods)
     blocks = {block: getattr(spec.params, block).model_copy(update={
         name: _check_param(f"params.{block}.{name}", name, p, paired)
@@ -347,6 +387,8 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
         ends = [p.low, p.high] if isinstance(p, Range) else p.choices if isinstance(p, Choices) else [p]
         if p is not None and not all(lo <= v <= hi for v in ends):
             raise _bad(f"params.{block}.tau0", f"must lie inside tau_range [{lo:g}, {hi:g}] (training.tau_range)")
+    _check_distinct_arms(spec)
+    _check_pbt(spec)
     for m, points in (spec.points_to_evaluate or {}).items():
         if m not in METHODS:
             raise _bad(f"points_to_evaluate.{m}", f"unknown method (valid: {', '.join(METHODS)})")
@@ -371,6 +413,37 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
     if spec.budget.grace_period > max_reports(spec):
         raise _bad("budget.grace_period", f"exceeds the {max_reports(spec)} evaluations of the longest trial")
     return spec
+
+
+def _can_be(p: Any, name: str, v: float) -> bool:
+    """Whether a declared parameter (None: the default) can take exactly ``v``. A continuous
+    range reaches its ends (a sampler may return ``low``) but an inner point only with probability 0;
+    a stepped range reaches its grid."""
+    if p is None:
+        return PARAMS[name].default == v
+    if isinstance(p, Range):
+        if not p.low <= v <= p.high:
+            return False
+        return v in (p.low, p.high) or (p.step is not None and p.contains(v))
+    if isinstance(p, Choices):
+        return any(c == v and not isinstance(c, bool) for c in p.choices)
+    return p == v
+
+
+def _check_distinct_arms(spec: SweepSpec) -> None:
+    """No arm may train exactly what another arm trains: dynsdpb whose two rates can both be 0 is
+    static DLB (dlb_warmup's warm-up has an exclusive low bound of 0 in params.py)."""
+    if "dynsdpb" not in spec.methods:
+        return
+    dyn = spec.params.dynsdpb
+    if _can_be(dyn.lambda_alpha, "lambda_alpha", 0.0) and _can_be(dyn.lambda_tau, "lambda_tau", 0.0):
+        raise _bad("params.dynsdpb", "lambda_alpha and lambda_tau can both be 0, which trains exactly dlb: "
+                                     "keep one of them off 0 (e.g. lambda_alpha: {low: 0.1, high: 1.0})")
+    fixed = {k: v for k, v in spec.params.arm("dynsdpb").items() if not isinstance(v, (Range, Choices))}
+    for i, point in enumerate((spec.points_to_evaluate or {}).get("dynsdpb", [])):
+        rates = {k: point.get(k, fixed.get(k, PARAMS[k].default)) for k in ("lambda_alpha", "lambda_tau")}
+        if rates["lambda_alpha"] == 0 and rates["lambda_tau"] == 0:
+            raise _bad(f"points_to_evaluate.dynsdpb.{i}", "both rates 0 trains exactly dlb; give a non-zero rate")
 
 
 def _contains(p: Union[Range, Choices], v: Any) -> bool:

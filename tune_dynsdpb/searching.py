@@ -7,8 +7,14 @@ cluster stays full until the last trial ends. Two Tune plug-ins keep the groups 
   with the arm's warm starts) and hands out new trials round-robin over the groups. The
   started-trial counts of any two groups therefore never differ by more than one: a sweep cut
   short (Ctrl-C, ``budget.time_budget_s``, a lost cluster) still compares its arms on equal terms.
-* :class:`GroupedASHA` (a ``TrialScheduler``) holds one ASHA bracket set per group, so a trial is
-  only ever compared with trials of its own task and arm.
+  One exception: a ``pbt`` group's population goes out as a block once its turn comes (PBT needs
+  its members side by side), so while it is handed out its count runs ahead by up to N-1.
+* :class:`GroupedASHA` (a ``TrialScheduler``) holds one scheduler per group, so a trial is only
+  ever compared with trials of its own task and arm: an ASHA bracket set, or for a ``pbt`` arm
+  Tune's ``PopulationBasedTraining`` (synchronous), whose population is that group's
+  ``budget.num_samples`` trials and which changes their α0/τ0 every ``budget.perturbation_interval``
+  evaluations within the arm's ``params.pbt`` ranges. A restored member trains on with the mutated
+  α0/τ0 from the checkpoint it inherits, whose schedule it extends (:mod:`tune_dynsdpb.trainer`).
 
 Both work on the result key ``objective`` (:mod:`tune_dynsdpb.results`), the task's metric signed
 so that higher is better; a group's study is named ``<sweep>.<task>.<arm>`` and, with a storage,
@@ -22,11 +28,13 @@ import pickle
 import warnings
 from typing import Any, Optional
 
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.search import Searcher
 
 from . import results as R
-from .search_space import PAIRED, Choices, Range, SweepSpec, _contains, config_name, max_reports
+from .search_space import (PAIRED, PBT_MUTABLE, Choices, Range, SweepSpec, _contains, config_name, max_reports,
+                           perturbation_interval)
 
 Group = tuple[str, str]  # (task, method)
 
@@ -67,8 +75,10 @@ class DefineByRun:
 
 
 def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
-    """Warm starts of one arm: the file's, else the defaults (DLB's τ0=3, α0=1; DynSDPB with rates
-    0; warm-up DLB with no warm-up), keeping only searched keys inside the declared space."""
+    """Warm starts of one arm: the file's, else the defaults (:data:`search_space.DEFAULT_POINTS`:
+    DLB's τ0=3, α0=1; DynSDPB with the rates and warm-up DLB with the warm-up found best on real
+    data, never a point where an arm trains another arm), keeping only searched keys inside the
+    declared space."""
     from .search_space import DEFAULT_POINTS
 
     searched = {k: v for k, v in spec.params.arm(method).items() if isinstance(v, (Range, Choices))}
@@ -108,12 +118,14 @@ def _finished_in_storage():
 class RoundRobinSearcher(Searcher):
     """One searcher per group; new trials go out round-robin, ``per_group`` trials each."""
 
-    def __init__(self, searchers: dict[Group, Searcher], per_group: int):
+    def __init__(self, searchers: dict[Group, Searcher], per_group: int, whole: tuple = ()):
         super().__init__()  # no metric for Tune to demand: a failed trial's last report has no objective
         self.searchers, self.per_group = dict(searchers), per_group
         self.order = list(self.searchers)
         self.started: dict[Group, int] = {g: 0 for g in self.order}
         self.trial_group: dict[str, Group] = {}
+        # groups handed out as a whole once their turn comes (a PBT population must train side by side)
+        self.whole = tuple(whole)
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec) -> bool:
         return True  # every group searcher already has metric, mode and space
@@ -122,6 +134,9 @@ class RoundRobinSearcher(Searcher):
         open_ = [g for g in self.order if self.started[g] < self.per_group]
         if not open_:
             return None
+        begun = [g for g in open_ if g in getattr(self, "whole", ()) and self.started[g] > 0]
+        if begun:  # a population already begun: the rest of it first
+            return begun[0]
         fewest = min(self.started[g] for g in open_)
         return next(g for g in open_ if self.started[g] == fewest)  # fixed order breaks ties
 
@@ -160,10 +175,75 @@ class RoundRobinSearcher(Searcher):
             self.__dict__.update(pickle.load(f))
 
 
-class GroupedASHA(FIFOScheduler):
-    """One ASHA bracket set per group, on ``objective`` (max); trials run first-in, first-out."""
+class _GroupView:
+    """The Tune controller as one group's scheduler sees it: only that group's trials, and no
+    search algorithm (Tune's PBT refuses to run beside one; here the searcher only creates the
+    population, and PBT alone changes it)."""
 
-    def __init__(self, schedulers: dict[Group, ASHAScheduler]):
+    search_alg = None
+
+    def __init__(self, controller, group: Group):
+        self._controller, self._group = controller, group
+
+    def _mine(self, trials) -> list:
+        out = []
+        for t in trials:
+            try:
+                if group_of(t.config) == self._group:
+                    out.append(t)
+            except KeyError:
+                continue
+        return out
+
+    def get_trials(self) -> list:
+        return self._mine(self._controller.get_trials())
+
+    def get_live_trials(self):
+        return self._mine(self._controller.get_live_trials())
+
+    def __getattr__(self, name):
+        return getattr(self._controller, name)
+
+
+class ClipToRanges:
+    """PBT's ``custom_explore_fn``: a perturbed α0/τ0 (×0.8 or ×1.2) is clipped back into the arm's
+    ``params.pbt`` range, so no mutation leaves the declared space. A class so it pickles."""
+
+    def __init__(self, ranges: dict[str, tuple[float, float]]):
+        self.ranges = dict(ranges)
+
+    def __call__(self, config: dict) -> dict:
+        for k, (lo, hi) in self.ranges.items():
+            if k in config:
+                config[k] = float(min(max(config[k], lo), hi))
+        return config
+
+
+def create_pbt(spec: SweepSpec) -> PopulationBasedTraining:
+    """Synchronous PBT over reports (``training_iteration``) on ``objective`` (max), mutating the
+    searched α0/τ0 of ``params.pbt``: the population waits at each perturbation point, the lower
+    quarter clones an upper-quarter member's checkpoint and config, then perturbs α0/τ0. Every
+    member keeps its own trial: no trial is added, and none trains longer than the others."""
+    from ray import tune
+
+    mutations, ranges = {}, {}
+    for name in PBT_MUTABLE:
+        p = getattr(spec.params.pbt, name)
+        if isinstance(p, Range):
+            mutations[name] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
+            ranges[name] = (p.low, p.high)
+        elif isinstance(p, Choices):
+            mutations[name] = list(p.choices)
+    return PopulationBasedTraining(time_attr="training_iteration", metric=R.OBJECTIVE, mode=R.MODE,
+                                   perturbation_interval=perturbation_interval(spec), hyperparam_mutations=mutations,
+                                   custom_explore_fn=ClipToRanges(ranges), synch=True)
+
+
+class GroupedASHA(FIFOScheduler):
+    """One scheduler per group (ASHA bracket sets; PBT for pbt arms), on ``objective`` (max); trials
+    run first-in, first-out, except that a PBT population's paused members wait for their PBT."""
+
+    def __init__(self, schedulers: dict[Group, TrialScheduler]):
         super().__init__()
         self.schedulers = dict(schedulers)
         for s in self.schedulers.values():
@@ -178,46 +258,164 @@ class GroupedASHA(FIFOScheduler):
         except KeyError:
             return None
 
+    def _view(self, tune_controller, trial):
+        """PBT sees only its population; ASHA gets the controller as it is."""
+        s = self._of(trial)
+        return _GroupView(tune_controller, group_of(trial.config)) if isinstance(s, PopulationBasedTraining) \
+            else tune_controller
+
     def on_trial_add(self, tune_controller, trial) -> None:
         s = self._of(trial)
         if s is not None:
-            s.on_trial_add(tune_controller, trial)
+            s.on_trial_add(self._view(tune_controller, trial), trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         s = self._of(trial)
         if s is None or R.OBJECTIVE not in result:
             return TrialScheduler.CONTINUE
-        return s.on_trial_result(tune_controller, trial, result)
+        if isinstance(s, PopulationBasedTraining) and result.get(R.FINAL):
+            # a member's last report ends it: PBT must not clone an older checkpoint into it (it
+            # would train past its budget); finished, it leaves the population's synchronisation
+            return TrialScheduler.CONTINUE
+        return s.on_trial_result(self._view(tune_controller, trial), trial, result)
+
+    def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
+        """FIFO over the trials outside PBT populations, each population's pick (its paused members
+        resume only when their PBT says so), then paused trials of the others."""
+        pbt = {g: s for g, s in self.schedulers.items() if isinstance(s, PopulationBasedTraining)}
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            if trial.status == Trial.PENDING and self._pbt_group(trial, pbt) is None:
+                return trial
+        for group, s in pbt.items():
+            chosen = s.choose_trial_to_run(_GroupView(tune_controller, group))
+            if chosen is not None:
+                return chosen
+        for trial in trials:
+            if trial.status == Trial.PAUSED and self._pbt_group(trial, pbt) is None:
+                return trial
+        return None
+
+    @staticmethod
+    def _pbt_group(trial, pbt: dict) -> Optional[Group]:
+        try:
+            g = group_of(trial.config)
+        except KeyError:
+            return None
+        return g if g in pbt else None
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         s = self._of(trial)
         if s is not None and R.OBJECTIVE in (result or {}):
-            s.on_trial_complete(tune_controller, trial, result)
+            s.on_trial_complete(self._view(tune_controller, trial), trial, result)
 
     def on_trial_error(self, tune_controller, trial) -> None:
         s = self._of(trial)
         if s is not None:
-            s.on_trial_error(tune_controller, trial)
+            s.on_trial_error(self._view(tune_controller, trial), trial)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         s = self._of(trial)
         if s is not None:
-            s.on_trial_remove(tune_controller, trial)
+            s.on_trial_remove(self._view(tune_controller, trial), trial)
 
     def debug_string(self) -> str:
         return "; ".join(f"{t}/{m}: {s.debug_string()}" for (t, m), s in self.schedulers.items())
 
 
 def create_searcher(spec: SweepSpec, groups: list[Group], storage=None) -> RoundRobinSearcher:
+    """Optuna proposes every trial's starting point, a pbt population's included (its α0/τ0 from
+    ``params.pbt``, its learning rate and common params as in any arm); a pbt group's population
+    goes out as a whole once its turn comes."""
     return RoundRobinSearcher({g: create_optuna_search(spec, g, storage) for g in groups},
-                              per_group=spec.budget.num_samples)
+                              per_group=spec.budget.num_samples, whole=tuple(g for g in groups if g[1] == "pbt"))
 
 
 def create_scheduler(spec: SweepSpec, groups: list[Group]) -> GroupedASHA:
-    """ASHA over Tune reports (``training_iteration``), one bracket set per group."""
-    return GroupedASHA({g: ASHAScheduler(time_attr="training_iteration", max_t=max_reports(spec),
-                                         grace_period=spec.budget.grace_period,
-                                         reduction_factor=spec.budget.reduction_factor) for g in groups})
+    """ASHA over Tune reports (``training_iteration``), one bracket set per group; PBT
+    (:func:`create_pbt`) for the pbt groups."""
+    return GroupedASHA({g: create_pbt(spec) if g[1] == "pbt" else
+                        ASHAScheduler(time_attr="training_iteration", max_t=max_reports(spec),
+                                      grace_period=spec.budget.grace_period,
+                                      reduction_factor=spec.budget.reduction_factor) for g in groups})
+
+
+def learned_schedule(checkpoint: str) -> Optional[list]:
+    """The ``[[step, alpha, tau], ...]`` schedule a dlb/pbt checkpoint followed up to its step (the
+    trainer writes it into every checkpoint), or None if the checkpoint has none. ``checkpoint``
+    may be a local path or a storage URI."""
+    import json
+    import os
+
+    from ray.tune import Checkpoint
+
+    from .trainer import SCHEDULE_FILE
+
+    try:
+        with Checkpoint(checkpoint).as_directory() as folder:
+            path = os.path.join(folder, SCHEDULE_FILE)
+            if not os.path.exists(path):
+                return None
+            with open(path) as f:
+                return [list(e) for e in json.load(f)]
+    except (OSError, ValueError):
+        return None
+
+
+def record_schedules(state, tracker) -> None:
+    """Each pbt arm's best trial: the schedule of its lineage (its best checkpoint's) into the
+    state's ``best.schedule`` and to MLflow: the trial run gets ``schedule_alpha``/``schedule_tau``
+    at each breakpoint's step and, like the arm run, the tag ``best.schedule`` (JSON)."""
+    import json
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    for arm in state.arms.values():
+        if arm.method != "pbt" or arm.best is None or not arm.best.checkpoint:
+            continue
+        schedule = learned_schedule(arm.best.checkpoint)
+        if not schedule:
+            continue
+        arm.best.schedule = schedule
+        now, tag = int(time.time() * 1000), RunTag("best.schedule", json.dumps(schedule))
+        if arm.best.run_id:
+            tracker.client.log_batch(arm.best.run_id, tags=[tag], metrics=[
+                Metric(name, float(v), now, int(step)) for step, a, t in schedule
+                for name, v in (("schedule_alpha", a), ("schedule_tau", t))])
+        tracker.client.log_batch(tracker.arm_run(arm.task, arm.method), tags=[tag])
+
+
+def replay_config(best: dict) -> dict:
+    """The config that re-runs an arm's best trial (``compare``'s finals): its config, and for a
+    pbt arm the learned schedule, which the trainer then follows from step 0 (dlb's loss; the
+    schedule fixed, no population)."""
+    config = dict(best["config"])
+    if best.get("schedule"):
+        config["schedule"] = [list(e) for e in best["schedule"]]
+    return config
+
+
+def tie_notes(state) -> list[str]:
+    """One line per group of arms of a task whose best scores are equal, saying why: every arm
+    trains its own method (:func:`search_space._check_distinct_arms`), so a tie is two different
+    runs that scored the same on a coarse metric (accuracy over n samples moves by 1/n)."""
+    lines = []
+    for task, t in state.tasks.items():
+        by_score: dict[float, list[str]] = {}
+        for method, best in state.scored(task).items():
+            by_score.setdefault(best.score, []).append(method)
+        for score, methods in by_score.items():
+            if len(methods) < 2:
+                continue
+            configs = [state.scored(task)[m].config for m in methods]
+            keys = sorted({k for c in configs for k in c} - {R.METHOD, R.TASK})
+            differ = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+            lines.append(f"{task}: {', '.join(methods)} tie at {score:.4f} with different methods"
+                         f"{' and ' + ', '.join(differ) if differ else ''}: different runs, the same score on "
+                         f"{t.eval_size} eval samples ({t.metric.removeprefix('eval_')} moves in coarse steps, "
+                         f"e.g. accuracy by 1/{t.eval_size})")
+    return lines
 
 
 def create_journal_storage(path: str):
@@ -229,5 +427,6 @@ def create_journal_storage(path: str):
 
 
 __all__: list[str] = ["RoundRobinSearcher", "GroupedASHA", "create_searcher", "create_scheduler",
-                      "create_points_to_evaluate", "create_journal_storage", "group_of", "study_name",
+                      "create_points_to_evaluate", "create_journal_storage", "tie_notes",
+                      "create_pbt", "learned_schedule", "record_schedules", "replay_config", "group_of", "study_name",
                       "DefineByRun"]

@@ -42,6 +42,7 @@ class BestTrial(_Model):
     config: dict
     checkpoint: Optional[str] = None
     run_id: Optional[str] = None
+    schedule: Optional[list] = None  # pbt: the winning lineage's [[step, alpha, tau], ...] (searching.record_schedules)
 
 
 class ArmState(_Model):

@@ -38,6 +38,7 @@ from .params import passes_per_epoch
 from .experiment import (check_resources, create_trainable, init_ray, max_concurrent, preflight, prepare_tasks,
                          quiet_libraries)
 from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
+from .searching import record_schedules, tie_notes
 from .state import EXPERIMENT, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, lock_folder, open_sweep
 
 OPTUNA_JOURNAL = "optuna.journal"
@@ -236,6 +237,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
                 t = state.tasks[arm.task]
                 tracker.record_best(arm.task, arm.method, arm.best.run_id, arm.best.config, t.metric, arm.best.score,
                                     t.baseline)
+        record_schedules(state, tracker)  # pbt arms: the winning lineage's schedule, into the state and MLflow
         _prune_checkpoints(grid, state)
         state.disk_bytes = _disk_use(out)
         state.status, state.finished = "finished", time.time()
@@ -419,6 +421,8 @@ class CheckpointPruner(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         import json
 
+        if (trial.config or {}).get(R.METHOD) == "pbt":  # another member may still clone any of them
+            return
         where = Path(trial.path) if trial.path and os.path.isdir(trial.path) else None  # (local storage only)
         folders = sorted(where.glob("checkpoint_*")) if where else []
         scored = []
@@ -582,3 +586,5 @@ def print_summary(state: SweepState, out: Path) -> None:
         out_console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
     for line in arm_problems(state):
         out_console.print(f"[red]no scored trial[/red]: {line}")
+    for line in tie_notes(state):  # every arm trains its own method; say why two still score the same
+        out_console.print(f"tie: {line}")

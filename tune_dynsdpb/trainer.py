@@ -6,8 +6,11 @@ The trainer changes four things and nothing else:
    every batch carries its sample ids;
 2. ``compute_loss`` adds the consistency term of :mod:`tune_dynsdpb.losses` to the model's own
    loss, with targets from a :class:`SoftTargetCache` filled by the previous micro-batch
-   (``dlb_warmup``: not before ``distill_warmup * max_steps`` steps);
-3. checkpoints also hold the cache, so a resumed run continues the same chain;
+   (``dlb_warmup``: not before ``distill_warmup * max_steps`` steps; ``dlb``/``pbt``: alpha and tau
+   from the ``schedule`` at the current step, when one is given);
+3. checkpoints also hold the cache, so a resumed run continues the same chain, and (dlb/pbt)
+   the schedule followed so far; a ``pbt`` run restored with a new alpha0/tau0 (PBT's exploit)
+   follows them from the checkpoint's step on;
 4. a non-finite loss, gradient norm or eval loss raises :class:`TrainingDiverged` when it is
    logged, instead of being filtered out of the logs.
 
@@ -17,6 +20,7 @@ still tracked for the logs and the divergence check).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -32,12 +36,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .errors import UserError
 from .losses import consistency_term
-from .params import DEFAULT_METHOD, METHOD_HELP, PARAMS, Granularity, Method, check_values
+from .params import (DEFAULT_METHOD, METHOD_HELP, PARAMS, SCHEDULED, Granularity, Method, Schedule, alpha_tau_at,
+                     check_values, continue_schedule, effective_schedule, normalize_schedule)
 from .sampler import PreviousBatchSampler, SoftTargetCache
 
 logger = logging.get_logger(__name__)
 SAMPLE_IDS = "dynsdpb_sample_ids"  # batch key for the ids; popped before the model sees the batch
 STATE_FILE = "dynsdpb_state_rank{rank}.pt"
+SCHEDULE_FILE = "dynsdpb_schedule.json"  # in a dlb/pbt checkpoint: [[step, alpha, tau], ...] followed up to it
 STAT_NAMES = ("ce_loss", "consistency_loss", "alpha_mean", "alpha_min", "alpha_max",
               "tau_mean", "tau_min", "tau_max", "u_mean", "c_mean")
 # Slots of the running statistics: STAT_NAMES, then steps that had a term, then all steps. The
@@ -71,6 +77,7 @@ class DynSDPBConfig(TrainingArguments):
     granularity: Granularity = _param_field("granularity")
     tau_range: tuple[float, float] = _param_field("tau_range")
     distill_warmup: float = _param_field("distill_warmup")
+    schedule: Schedule = _param_field("schedule")
     grad_norm_log_steps: int = field(
         default=0, metadata={"help": "log per-layer gradient norms every N optimizer steps (0: off)"})
 
@@ -81,6 +88,7 @@ class DynSDPBConfig(TrainingArguments):
             # sync per step): a diverged run would look fine. We detect divergence instead.
             self.logging_nan_inf_filter = False
         check_method_args(self)
+        self.schedule = normalize_schedule(self.schedule)
 
 
 def check_method_args(args: Any) -> None:
@@ -91,6 +99,8 @@ def check_method_args(args: Any) -> None:
     values["per_device_train_batch_size"] = args.per_device_train_batch_size
     if isinstance(values.get("tau_range"), list):
         values["tau_range"] = tuple(values["tau_range"])
+    if values.get("schedule") is None:
+        values["schedule"] = ()
     bad = check_values(values)
     if bad:
         raise UserError(f"{bad[0]}: {bad[1]}")
@@ -276,7 +286,9 @@ class DynSDPBTrainer(Trainer):
             self._stats_add(ce, None, num_items_in_batch)
             return (ce, outputs) if return_outputs else ce
         a = self.args
-        term = consistency_term(rows_now, targets, labels_now, method=a.method, alpha0=a.alpha0, tau0=a.tau0,
+        alpha0, tau0 = alpha_tau_at(a.schedule, self.state.global_step, a.alpha0, a.tau0)  # (no schedule: a.alpha0, a.tau0)
+        term = consistency_term(rows_now, targets, labels_now, method="dlb" if a.method == "pbt" else a.method,
+                                alpha0=alpha0, tau0=tau0,
                                 lambda_alpha=a.lambda_alpha, lambda_tau=a.lambda_tau, granularity=a.granularity,
                                 tau_range=tuple(a.tau_range), regression=self._regression)
         cons = term.loss
@@ -382,11 +394,20 @@ class DynSDPBTrainer(Trainer):
         torch.save({"cache": self.soft_targets.state_dict(), "batch_size": self._train_batch_size,
                     "world_size": self.args.world_size},
                    os.path.join(folder, STATE_FILE.format(rank=self.args.process_index)))
+        if self.args.method in SCHEDULED and self.args.process_index == 0:
+            with open(os.path.join(folder, SCHEDULE_FILE), "w") as f:
+                json.dump([list(e) for e in self.schedule_so_far()], f)
+
+    def schedule_so_far(self) -> Schedule:
+        """The (step, alpha, tau) schedule this run follows, from step 0 (dlb/pbt)."""
+        a = self.args
+        return effective_schedule(a.schedule, a.alpha0, a.tau0)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.args.method == "vanilla":
             return
+        self._continue_schedule(resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, STATE_FILE.format(rank=self.args.process_index))
         if not os.path.exists(path):
             # e.g. a vanilla checkpoint, or a rank whose files stayed on another node: the chain
@@ -400,3 +421,19 @@ class DynSDPBTrainer(Trainer):
                             f"process(es); resuming with {self._train_batch_size} on {self.args.world_size} "
                             "would break the previous-batch chain")
         self.soft_targets.load_state_dict(state["cache"])
+
+    def _continue_schedule(self, checkpoint: str) -> None:
+        """A pbt run given no schedule is a member of a PBT population: restored (a retry, or PBT's
+        exploit of another member's checkpoint with a mutated config), it keeps the checkpoint's
+        schedule up to the checkpoint's step and follows its own config's alpha0/tau0 from there,
+        so the next checkpoint carries the lineage's whole schedule. A run given a schedule
+        (dlb, or pbt replaying a learned schedule) keeps it."""
+        a = self.args
+        path = os.path.join(checkpoint, SCHEDULE_FILE)
+        if a.method != "pbt" or a.schedule or not os.path.exists(path):
+            return
+        with open(path) as f:
+            past = json.load(f)
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            step = int(json.load(f)["global_step"])
+        a.schedule = continue_schedule(past, step, a.alpha0, a.tau0)
