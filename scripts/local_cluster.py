@@ -83,21 +83,39 @@ def signal_service(svc: dict, sig: int) -> None:
         pass
 
 
+def descendants(pid: int) -> list:
+    """The processes a service forked that may have left its group (Ray's workers), via psutil."""
+    try:
+        import psutil
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - no psutil, or gone
+        return []
+
+
 def stop_service(name: str, svc: dict) -> str:
-    """SIGTERM (SIGINT for postgres: fast shutdown), then SIGKILL after the service's grace period."""
+    """SIGTERM (SIGINT for postgres: fast shutdown), then SIGKILL after the service's grace period;
+    then whatever the service forked into other process groups and left behind, SIGKILL."""
     if not alive(svc):
         return "not running"
+    kids = descendants(svc["pid"]) if svc.get("pgid") else []
     signal_service(svc, svc.get("stop_signal", signal.SIGTERM))
     deadline = time.time() + GRACE.get(name, DEFAULT_GRACE)
     while time.time() < deadline and alive(svc):
         time.sleep(0.2)
+    how = "stopped"
     if alive(svc):
         signal_service(svc, signal.SIGKILL)
         deadline = time.time() + 10
         while time.time() < deadline and alive(svc):
             time.sleep(0.2)
-        return "killed" if not alive(svc) else "STILL RUNNING"
-    return "stopped"
+        how = "killed" if not alive(svc) else "STILL RUNNING"
+    for k in kids:
+        try:
+            if k.is_running() and k.status() != "zombie":
+                k.kill()
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            pass
+    return how
 
 
 def spawn(cmd: list[str], log: Path, env: dict, cwd: Path | None = None) -> dict:
