@@ -5,12 +5,14 @@
   Variants switch one piece at a time: ``after:no-mlflow``, ``:no-pruner``, ``:no-progress``,
   ``:asha`` (one Tune ``ASHAScheduler`` over all trials instead of one per group), ``:fifo``,
   ``:pending=N`` (``TUNE_MAX_PENDING_TRIALS_PG``; ``auto`` = Tune's own default), ``:keep=N``
-  (``CheckpointConfig(num_to_keep=N)``). The product code is not changed: a variant patches the
-  benchmark process only.
+  (``CheckpointConfig(num_to_keep=N)``), ``:concurrent=N`` (the sweep file's
+  ``budget.max_concurrent``, which ``create_tuner`` passes to Tune as ``max_concurrent_trials``).
+  The product code is not changed: a variant patches the benchmark process only.
 - ``before``: the old sweep, one ``create_tuner`` per group in sequence.
 - ``tune``: a plain ``Tuner`` as a Tune user writes it: random search (``grid_search`` over the
   arms, so each gets the same count), FIFO, or Tune's ``ASHAScheduler`` with the same rungs,
-  ``reuse_actors=True``, no callbacks, Tune's default loggers and pending-trial limit.
+  ``reuse_actors=True``, no callbacks, Tune's default loggers and pending-trial limit;
+  ``tune:concurrent=N`` sets ``max_concurrent_trials=N``.
 - ``tune-optuna``: the same with Tune's ``OptunaSearch`` (TPE, the arm a categorical) and
   ``MLflowLoggerCallback``: what a user wires by hand.
 """
@@ -117,6 +119,10 @@ def run_ours(design: str, spec, trainable, folder: Path):
     from tune_dynsdpb.tracking import SweepTracker
 
     name, *options = design.split(":")
+    for o in options:
+        if o.startswith("concurrent="):
+            budget = spec.budget.model_copy(update={"max_concurrent": int(o.split("=")[1])})
+            spec = spec.model_copy(update={"budget": budget})
     uri, storage = "sqlite:///" + str(folder / "mlflow.db"), str(folder / "ray")
     groups = [(t.task, m) for t in spec.task_specs() for m in spec.methods]
     state = build_state(spec, storage, uri)
@@ -156,7 +162,9 @@ def run_tune(design: str, spec, shape, folder: Path, loggers: str):
     from benchmarks.standin import standin_trainable
 
     tasks, methods = [t.task for t in spec.task_specs()], list(spec.methods)
-    b, optuna = spec.budget, design == "tune-optuna"
+    name, *options = design.split(":")
+    b, optuna = spec.budget, name == "tune-optuna"
+    concurrent = next((int(o.split("=")[1]) for o in options if o.startswith("concurrent=")), None)
     pick = tune.choice if optuna else tune.grid_search
     space = {"task": pick(tasks) if len(tasks) > 1 else tasks[0], "method": pick(methods),
              "learning_rate": tune.loguniform(1e-5, 1e-3), "alpha0": tune.uniform(0.5, 2.0),
@@ -180,8 +188,9 @@ def run_tune(design: str, spec, shape, folder: Path, loggers: str):
         callbacks.append(JsonLoggerCallback())
     n = b.num_samples * (1 if not optuna else len(methods) * len(tasks))
     tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
-        metric="objective", mode="max", num_samples=n, reuse_actors=True, search_alg=search, scheduler=scheduler),
-        run_config=tune.RunConfig(name=design, storage_path=str(folder / "ray"), verbose=0, callbacks=callbacks))
+        metric="objective", mode="max", num_samples=n, reuse_actors=True, search_alg=search, scheduler=scheduler,
+        max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=str(folder / "ray"), verbose=0, callbacks=callbacks))
     f0 = time.time()
     grid = tuner.fit()
     return [grid], [(f0, time.time())]
@@ -190,10 +199,8 @@ def run_tune(design: str, spec, shape, folder: Path, loggers: str):
 def mlflow_runs(folder: Path, name: str) -> int | None:
     from mlflow import MlflowClient
 
-    if not (folder / "mlflow.db").exists():
-        return None
-    client = MlflowClient("sqlite:///" + str(folder / "mlflow.db"))
-    exp = client.get_experiment_by_name(name)
+    client = MlflowClient("sqlite:///" + str(folder / "mlflow.db")) if (folder / "mlflow.db").exists() else None
+    exp = client.get_experiment_by_name(name) if client else None
     return len(client.search_runs([exp.experiment_id], max_results=5000)) if exp else None
 
 

@@ -150,6 +150,8 @@ def main() -> None:
             show(r)
             figures["runs"].append({k: v for k, v in r.items() if k != "_trials"})
             print(f"    load average {os.getloadavg()[0]:.1f}", flush=True)
+            if a.json:  # after each design: a run cut short keeps what it measured
+                write_json(a.json, figures)
         figures["compare"] = compare(figures["runs"])
     figures["load_average_end"] = os.getloadavg()
     ray.shutdown()

@@ -47,14 +47,17 @@ def timed(fn):
 
 
 def suggest(trial, params: dict, method: str) -> dict:
-    """The file's searched ranges for one arm, as Optuna suggestions; fixed values as they are."""
+    """The file's searched ranges for one arm, as Optuna suggestions; fixed values as they are
+    (named as ``DynSDPBConfig`` names them: transformers 5 has ``warmup_steps`` < 1 for a ratio)."""
+    from tune_dynsdpb.search_space import config_name
+
     out = {}
     for block in (params["common"], params.get(method) or {}):
         for name, p in block.items():
             if isinstance(p, dict):
-                out[name] = trial.suggest_float(name, p["low"], p["high"], log=p.get("log", False))
+                out[config_name(name)] = trial.suggest_float(name, p["low"], p["high"], log=p.get("log", False))
             else:
-                out[name] = p
+                out[config_name(name)] = p
     return out
 
 
