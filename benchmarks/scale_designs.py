@@ -4,7 +4,8 @@
   ``fit_tuner``, the MLflow trial callback, the progress callback, the checkpoint pruner.
   Variants switch one piece at a time: ``after:no-mlflow``, ``:no-pruner``, ``:no-progress``,
   ``:asha`` (one Tune ``ASHAScheduler`` over all trials instead of one per group), ``:fifo``,
-  ``:pending=N`` (``TUNE_MAX_PENDING_TRIALS_PG``; ``auto`` = Tune's own default), ``:keep=N``
+  ``:pending=N`` (``TUNE_MAX_PENDING_TRIALS_PG``; ``auto`` = Tune's own default), ``:random``
+  (Optuna's random sampler instead of TPE), ``:no-journal`` (in-memory studies), ``:keep=N``
   (``CheckpointConfig(num_to_keep=N)``), ``:concurrent=N`` (the sweep file's
   ``budget.max_concurrent``, which ``create_tuner`` passes to Tune as ``max_concurrent_trials``).
   The product code is not changed: a variant patches the benchmark process only.
@@ -92,7 +93,8 @@ def variant(options: list[str]):
     from tune_dynsdpb import results as R
     from tune_dynsdpb.search_space import max_reports
 
-    saved = (searching.create_scheduler, tune.CheckpointConfig)
+    saved = (searching.create_scheduler, tune.CheckpointConfig, searching.create_optuna_search,
+             searching.create_journal_storage)
     for o in options:
         key, _, value = o.partition("=")
         if key == "pending":
@@ -105,13 +107,25 @@ def variant(options: list[str]):
                 grace_period=spec.budget.grace_period, reduction_factor=spec.budget.reduction_factor)
         elif key == "fifo":
             searching.create_scheduler = lambda spec, groups: FIFOScheduler()
+        elif key == "random":
+            def random_search(spec, group, storage=None, _make=saved[2]):
+                import optuna
+                search = _make(spec, group, storage)
+                search._sampler = optuna.samplers.RandomSampler(seed=spec.seed)  # (Ray's attributes: an
+                if getattr(search, "_ot_study", None) is not None:                # experiment only)
+                    search._ot_study.sampler = search._sampler
+                return search
+            searching.create_optuna_search = random_search
+        elif key == "no-journal":
+            searching.create_journal_storage = lambda path: None
         elif key == "keep":
             keep = None if value == "none" else int(value)
             tune.CheckpointConfig = lambda *a, _c=saved[1], **kw: _c(*a, **{**kw, "num_to_keep": keep})
     try:
         yield
     finally:
-        searching.create_scheduler, tune.CheckpointConfig = saved
+        (searching.create_scheduler, tune.CheckpointConfig, searching.create_optuna_search,
+         searching.create_journal_storage) = saved
 
 
 def run_ours(design: str, spec, trainable, folder: Path):
