@@ -1,23 +1,18 @@
 """The designs that ``benchmarks/sweep_scale.py`` runs on the same stand-in trials.
 
 - ``after`` (ours): the driver's own pieces, one ``create_tuner`` over every (task, arm) group,
-  ``fit_tuner``, the MLflow trial callback, the progress callback, the checkpoint pruner.
-  Variants switch one piece at a time: ``after:no-mlflow``, ``:no-pruner``, ``:no-progress``,
-  ``:asha`` (one Tune ``ASHAScheduler`` over all trials instead of one per group), ``:fifo``,
-  ``:pending=N`` (``TUNE_MAX_PENDING_TRIALS_PG``; ``auto`` = Tune's own default), ``:random``
-  (Optuna's random sampler instead of TPE), ``:no-journal`` (in-memory studies), ``:keep=N``
-  (``CheckpointConfig(num_to_keep=N)``), ``:concurrent=N`` (the sweep file's
-  ``budget.max_concurrent``, which ``create_tuner`` passes to Tune as ``max_concurrent_trials``).
-  The product code is not changed: a variant patches the benchmark process only.
+  ``fit_tuner``, the MLflow trial callback, the progress callback, the checkpoint pruner. A
+  variant switches one piece (patching this process only, never the product): ``:no-mlflow``,
+  ``:no-pruner``, ``:no-progress``, ``:asha`` (one Tune ``ASHAScheduler`` instead of one per group),
+  ``:fifo``, ``:pending=N|auto`` (``TUNE_MAX_PENDING_TRIALS_PG``), ``:random`` (Optuna's random
+  sampler), ``:no-journal`` (in-memory studies), ``:keep=N|none`` (``CheckpointConfig.num_to_keep``),
+  ``:concurrent=N`` (``budget.max_concurrent``, passed to Tune as ``max_concurrent_trials``).
 - ``before``: the old sweep, one ``create_tuner`` per group in sequence.
-- ``tune``: a plain ``Tuner`` as a Tune user writes it: random search (``grid_search`` over the
-  arms, so each gets the same count), FIFO, or Tune's ``ASHAScheduler`` with the same rungs,
-  ``reuse_actors=True``, no callbacks, Tune's default loggers and pending-trial limit;
-  ``tune:concurrent=N`` sets ``max_concurrent_trials=N``.
-- ``tune-optuna``: the same with Tune's ``OptunaSearch`` (TPE, the arm a categorical) and
-  ``MLflowLoggerCallback``: what a user wires by hand.
+- ``tune``: a plain ``Tuner``: random search (``grid_search`` over the arms: equal counts), FIFO
+  or Tune's ``ASHAScheduler`` with the same rungs, ``reuse_actors=True``, no callbacks, Tune's
+  defaults; ``tune:concurrent=N``: ``max_concurrent_trials``.
+- ``tune-optuna``: the same with Tune's ``OptunaSearch`` and ``MLflowLoggerCallback``, by hand.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +22,7 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from benchmarks.scale_figures import RaySampler, figures, self_cpu, trial_records
+from benchmarks.scale_figures import RaySampler, figures, mlflow_runs, self_cpu, trial_records
 
 
 def product(name: str):
@@ -63,9 +58,8 @@ def progress_callback():
 
     class Progress(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            table = product("ProgressTable").current
-            if table is not None:
-                table.update(trial, "RUNNING", result)
+            if product("ProgressTable").current is not None:
+                product("ProgressTable").current.update(trial, "RUNNING", result)
 
     return Progress()
 
@@ -74,13 +68,11 @@ def build_state(spec, storage: str, uri: str):
     from tune_dynsdpb.state import ArmState, SweepState, TaskState
 
     tasks = {t.task: TaskState(name=t.task, metric="eval_accuracy", mode="max") for t in spec.task_specs()}
-    state = SweepState(sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True),
-                       spec_path=f"<{spec.name}>", methods=list(spec.methods), num_samples=spec.budget.num_samples,
-                       tracking_uri=uri, model_path="standin", storage_path=storage, tasks=tasks, created=time.time())
-    for n in tasks:
-        for m in spec.methods:
-            state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
-    return state
+    arms = {f"{n}/{m}": ArmState(task=n, method=m) for n in tasks for m in spec.methods}
+    return SweepState(sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True),
+                      spec_path=f"<{spec.name}>", methods=list(spec.methods), num_samples=spec.budget.num_samples,
+                      tracking_uri=uri, model_path="standin", storage_path=storage, tasks=tasks, arms=arms,
+                      created=time.time())
 
 
 @contextlib.contextmanager
@@ -111,9 +103,7 @@ def variant(options: list[str]):
             def random_search(spec, group, storage=None, _make=saved[2]):
                 import optuna
                 search = _make(spec, group, storage)
-                search._sampler = optuna.samplers.RandomSampler(seed=spec.seed)  # (Ray's attributes: an
-                if getattr(search, "_ot_study", None) is not None:                # experiment only)
-                    search._ot_study.sampler = search._sampler
+                search._ot_study.sampler = optuna.samplers.RandomSampler(seed=spec.seed)  # (Ray's study)
                 return search
             searching.create_optuna_search = random_search
         elif key == "no-journal":
@@ -208,14 +198,6 @@ def run_tune(design: str, spec, shape, folder: Path, loggers: str):
     f0 = time.time()
     grid = tuner.fit()
     return [grid], [(f0, time.time())]
-
-
-def mlflow_runs(folder: Path, name: str) -> int | None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient("sqlite:///" + str(folder / "mlflow.db")) if (folder / "mlflow.db").exists() else None
-    exp = client.get_experiment_by_name(name) if client else None
-    return len(client.search_runs([exp.experiment_id], max_results=5000)) if exp else None
 
 
 def run_design(design: str, spec, shape, slots: int, work: Path, loggers: str = "default",

@@ -138,6 +138,15 @@ def figures(trials: list[dict], fits: list[tuple[float, float]], per_report: flo
     }
 
 
+def mlflow_runs(folder, name: str) -> int | None:
+    """The runs in MLflow experiment ``name`` of ``folder/mlflow.db`` (None without one)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient("sqlite:///" + str(folder / "mlflow.db")) if (folder / "mlflow.db").exists() else None
+    exp = client.get_experiment_by_name(name) if client else None
+    return len(client.search_runs([exp.experiment_id], max_results=5000)) if exp else None
+
+
 def list_schedule(durations: list[float], slots: int) -> float:
     """Makespan of ``durations`` started in this order, each on the first free slot."""
     free = [0.0] * slots
