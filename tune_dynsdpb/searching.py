@@ -158,6 +158,8 @@ class RoundRobinSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        if _JOURNAL:  # the studies live in this driver's journal, wherever the sweep started
+            reopen_journal(self, _JOURNAL[0])
 
 
 class GroupedASHA(FIFOScheduler):
@@ -220,6 +222,28 @@ def create_scheduler(spec: SweepSpec, groups: list[Group]) -> GroupedASHA:
                                          reduction_factor=spec.budget.reduction_factor) for g in groups})
 
 
+_JOURNAL: list[str] = []  # the journal file of this driver (set by the sweep before Tune restores)
+
+
+def use_journal(path: str | None) -> None:
+    """The journal file this driver keeps the studies in: a searcher that Tune restores
+    (``Tuner.restore``) re-opens its studies there, also when the sweep was started in another
+    folder or on another machine (its pickled studies name the old file)."""
+    _JOURNAL[:] = [path] if path else []
+
+
+def reopen_journal(searcher: "RoundRobinSearcher", path: str) -> None:
+    """Points every group's study (one JournalStorage shared by all of them and their trials) at
+    the journal file ``path``."""
+    from optuna.storages.journal import JournalFileBackend
+
+    for s in searcher.searchers.values():
+        journal = getattr(s, "_storage", None)
+        backend = getattr(journal, "_backend", None)
+        if isinstance(backend, JournalFileBackend) and getattr(backend, "_file_path", path) != path:
+            journal._backend = JournalFileBackend(path)
+
+
 def create_journal_storage(path: str):
     """Optuna's journal storage in the sweep folder: ``optuna-dashboard <path>`` opens its studies."""
     import optuna
@@ -229,5 +253,5 @@ def create_journal_storage(path: str):
 
 
 __all__: list[str] = ["RoundRobinSearcher", "GroupedASHA", "create_searcher", "create_scheduler",
-                      "create_points_to_evaluate", "create_journal_storage", "group_of", "study_name",
+                      "create_points_to_evaluate", "create_journal_storage", "use_journal", "group_of", "study_name",
                       "DefineByRun"]
