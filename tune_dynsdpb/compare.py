@@ -121,13 +121,13 @@ def _artifact_path(target: Path, out: Path) -> str:
 
 def _upload(tracker, target: Path, out: Path) -> None:
     path = _artifact_path(target, out)
-    missing = tracker.missing_artifacts(tracker.parent_run_id, target, path)
-    if missing:
-        try:
+    try:
+        missing = tracker.missing_artifacts(tracker.parent_run_id, target, path)
+        if missing:
             tracker.upload_artifacts(tracker.parent_run_id, target, path, files=missing)
-        except StoreError as e:
-            raise StoreError(f"{e}; the report and its finals stay in {target}: run the same command again to "
-                             "upload them") from None
+    except StoreError as e:
+        raise StoreError(f"{e}; the report and its finals stay in {target}: run the same command again to "
+                         "upload them") from None
 
 
 def run_finals(out: Path, state: SweepState, spec, tracker, names: list[str], best: dict, seeds: int, budget: str,
