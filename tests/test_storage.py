@@ -240,7 +240,9 @@ def test_sweep_compare_export_on_a_storage_path(seaweedfs, tiny_bert, data_dir, 
     assert not [f for f in storage.find(storage.join(uri, "finals-epochs"), "model.safetensors")]  # no models kept
 
     assert main(["export", str(out), "--name", f"flow-{where}"]) == 0
-    registry = client_for(f"sqlite:///{out}/mlflow.db")
+    from mlflow import MlflowClient
+
+    registry = MlflowClient(f"sqlite:///{out}/mlflow.db", registry_uri=f"sqlite:///{out}/mlflow.db")
     versions = registry.search_model_versions(f"name = 'flow-{where}'")
     assert {v.tags["tune_dynsdpb.arm"] for v in versions} == {"vanilla", "dlb"}
 
@@ -367,7 +369,9 @@ def test_a_sweep_resumed_from_the_storage_path_alone_then_compared_through_a_fai
         assert refused.returncode == 2 and "already exists" in refused.stderr
 
         assert main(["export", str(new), "--name", "moved", "--tracking-uri", url]) == 0
-        versions = c.search_model_versions("name = 'moved'")
+        from mlflow import MlflowClient
+
+        versions = MlflowClient(url, registry_uri=url).search_model_versions("name = 'moved'")
         assert {v.tags["tune_dynsdpb.arm"] for v in versions} == {"dlb", "dynsdpb"}
     finally:
         kill_group(server)

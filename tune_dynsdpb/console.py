@@ -16,6 +16,7 @@ from ray import tune
 from . import results as R
 from .baselines import learned_line
 from .state import JOURNAL_FILE, SweepState
+from .storage import redact
 
 
 def console():
@@ -40,7 +41,7 @@ def print_header(state: SweepState, out: Path) -> None:
             c.print(f"truncated at max_length ({name}): {', '.join(cut)}")
     c.print(f"MLflow {state.tracking_uri}; folder {out}")
     if str(state.storage_path) != str(out / "ray"):
-        c.print(f"storage {storage_line(state.storage_path)}")
+        c.print(f"storage {redact(state.storage_path)}")
 
 
 class ProgressTable:
@@ -166,11 +167,6 @@ def print_summary(state: SweepState, out: Path) -> None:
         out_console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
     for line in arm_problems(state):
         out_console.print(f"[red]no scored trial[/red]: {line}")
-
-
-def storage_line(storage_path: str) -> str:
-    from .storage import redact
-    return redact(storage_path)
 
 
 __all__ = ["console", "print_header", "print_summary", "ProgressTable", "ProgressCallback", "short_config",
