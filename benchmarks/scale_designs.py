@@ -23,45 +23,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks.scale_figures import RaySampler, figures, mlflow_runs, self_cpu, trial_records
-
-
-def product(name: str):
-    """A public name of the driver: in ``tune_dynsdpb.sweep`` today, in the modules ``sweep.py``
-    is being split into after that (found by name, so the benchmark runs on both)."""
-    import importlib
-    import pkgutil
-
-    import tune_dynsdpb
-
-    mods = ["sweep"] + sorted(m.name for m in pkgutil.iter_modules(tune_dynsdpb.__path__) if m.name != "sweep")
-    for mod in mods:
-        m = importlib.import_module(f"tune_dynsdpb.{mod}")
-        if hasattr(m, name):
-            return getattr(m, name)
-    raise ImportError(f"tune_dynsdpb has no public {name}")
-
-
-def configure_tune(spec) -> None:
-    """The driver's Tune set-up (``configure_tune``, public once ``sweep.py`` is split); until then
-    its one effect, here: as many pending trials as the cluster has slots."""
-    try:
-        product("configure_tune")(spec)
-    except ImportError:
-        import ray
-        slots = int(ray.cluster_resources().get("CPU", 1) // max(spec.resources.cpus_per_trial, 1e-9)) or 1
-        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(slots, 2)))
-
-
-def progress_callback():
-    """The driver's progress callback (private in the product): feeds the ``ProgressTable``."""
-    from ray import tune
-
-    class Progress(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if product("ProgressTable").current is not None:
-                product("ProgressTable").current.update(trial, "RUNNING", result)
-
-    return Progress()
+from tune_dynsdpb.console import ProgressCallback, ProgressTable
+from tune_dynsdpb.tuning import CheckpointPruner, configure_tune, create_tuner, fit_tuner
 
 
 def build_state(spec, storage: str, uri: str):
@@ -130,7 +93,7 @@ def run_ours(design: str, spec, trainable, folder: Path):
     uri, storage = "sqlite:///" + str(folder / "mlflow.db"), str(folder / "ray")
     groups = [(t.task, m) for t in spec.task_specs() for m in spec.methods]
     state = build_state(spec, storage, uri)
-    product("ProgressTable")(state, enabled=False)  # the callback path runs; nothing is drawn
+    ProgressTable(state, enabled=False)  # the callback path runs; nothing is drawn
     callbacks, tracker = [], None
     if "no-mlflow" not in options:
         tracker = SweepTracker(uri, spec.name, state.sweep_id, artifact_location=(folder / "mlartifacts").as_uri())
@@ -139,10 +102,9 @@ def run_ours(design: str, spec, trainable, folder: Path):
             tracker.start_arm(*g)
         callbacks.append(tracker.trial_callback(groups))
     if "no-progress" not in options:
-        callbacks.append(progress_callback())
+        callbacks.append(ProgressCallback())
     if "no-pruner" not in options:
-        callbacks.append(product("CheckpointPruner")())
-    create_tuner, fit_tuner = product("create_tuner"), product("fit_tuner")
+        callbacks.append(CheckpointPruner(storage))
     grids, fits = [], []
     with variant(options):
         if not any(o.startswith("pending=") for o in options):

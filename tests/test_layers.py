@@ -6,8 +6,8 @@ Lowest first::
     L0 method         errors, files, params, losses, sampler, trainer, results
     L1 data/modeling  data, run, baselines, plots
     L2 trainables     trainables.dynsdpb, trainables.distributed
-    L3 orchestration  search_space, searching, state, tracking, experiment, report, sweep, compare,
-                      export, validate
+    L3 orchestration  search_space, searching, storage, state, tracking, experiment, report, tuning,
+                      console, sweep, compare, export, validate
     L4 interface      cli
 
 ``tune_dynsdpb/__init__.py`` may re-export L0/L1 only. A module missing from the tree (e.g.
@@ -26,8 +26,8 @@ LAYERS = [
     ("L0 method", ["errors", "files", "params", "losses", "sampler", "trainer", "results"]),
     ("L1 data/modeling", ["data", "run", "baselines", "plots"]),
     ("L2 trainables", ["trainables.dynsdpb", "trainables.distributed"]),
-    ("L3 orchestration", ["search_space", "searching", "state", "tracking", "experiment", "report", "sweep",
-                          "compare", "export", "validate"]),
+    ("L3 orchestration", ["search_space", "searching", "storage", "state", "tracking", "experiment", "report",
+                          "tuning", "console", "sweep", "compare", "export", "validate"]),
     ("L4 interface", ["cli"]),
 ]
 PACKAGE = "tune_dynsdpb"

@@ -495,9 +495,10 @@ def test_export_writes_a_model_logged_by_mlflow(tiny_bert, tmp_path, capsys):
 def test_export_rollback_restores_only_its_own_aliases(tmp_path):
     """An export that fails after setting aliases puts back only the aliases that still point at
     its own versions: one a concurrent export moved since stays where that export put it."""
-    from tune_dynsdpb.export import _rollback
+    from tune_dynsdpb.tracking import Registry
 
     uri, c = registry(tmp_path)
+    _rollback = Registry(c).rollback
     src = tmp_path / "src"
     src.mkdir()
     c.create_registered_model("m")
@@ -508,7 +509,7 @@ def test_export_rollback_restores_only_its_own_aliases(tmp_path):
     c.set_registered_model_alias("m", "champion", v[2])   # ours
     c.set_registered_model_alias("m", "best-dlb", v[4])   # moved by the concurrent export
     c.set_registered_model_alias("m", "best-vanilla", v[3])  # ours, new
-    _rollback(c, "m", [str(v[2]), str(v[3])], before, existed=True)
+    _rollback("m", [str(v[2]), str(v[3])], before, existed=True)
     aliases = {k: str(x) for k, x in c.get_registered_model("m").aliases.items()}
     assert aliases == {"champion": str(v[0]), "best-dlb": str(v[4])}
     assert sorted(int(x.version) for x in c.search_model_versions("name = 'm'")) == [int(v[0]), int(v[1]), int(v[4])]
@@ -516,9 +517,9 @@ def test_export_rollback_restores_only_its_own_aliases(tmp_path):
     # a model this export created, into which a concurrent export registered a version: kept
     c.create_registered_model("n")
     ours, theirs = (c.create_model_version("n", source=str(src)).version for _ in range(2))
-    _rollback(c, "n", [str(ours)], {}, existed=False)
+    _rollback("n", [str(ours)], {}, existed=False)
     assert [x.version for x in c.search_model_versions("name = 'n'")] == [theirs]
-    _rollback(c, "n", [str(theirs)], {}, existed=False)  # nothing left in it: the model goes
+    _rollback("n", [str(theirs)], {}, existed=False)  # nothing left in it: the model goes
     assert not c.search_registered_models("name = 'n'")
 
 

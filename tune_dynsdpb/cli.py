@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import params
-from .errors import UserError
+from .errors import StoreError, UserError
 from .files import staged_output
 
 # Config fields as the CLI spells them, so errors name the flag the user typed (from params.py).
@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as e:
         return fail(str(e))
+    except StoreError as e:  # a store failed midway: what was made is kept; the same command resumes
+        print(f"tune-dynsdpb: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         print(f"tune-dynsdpb: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         _shutdown_ray()

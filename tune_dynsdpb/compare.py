@@ -6,23 +6,28 @@ Seeds are the pairing unit: one seed gives every arm the same data order and ini
 
 Layout, beside the sweep's own files::
 
-    SWEEP/ray/finals-<budget>/      the Tune experiment of the finals
+    STORAGE/finals-<budget>/        the Tune experiment of the finals (STORAGE: the sweep's storage
+                                    path, SWEEP/ray by default; a local folder or a URI)
     SWEEP/report-<budget>/          report.md, report.html, finals.json and the PNG plots
                                     (also logged to the parent run under report-<budget>/)
 
 ``--budget epochs``: every arm trains for its best config's epochs. ``--budget compute``: vanilla's
 epochs are doubled, since DLB-style methods see each sample twice per epoch (equal sample-passes).
+
+A report is written whole to disk first, then uploaded; an artifact store that fails leaves the
+reports on disk, and the same ``compare`` command run again uploads what the store lacks (the
+finals are not trained again).
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 from . import results as R
-from .errors import UserError
+from . import storage
+from .errors import StoreError, UserError
 from .params import PAIRED_METHODS, passes_per_epoch
 from .report import write_report, write_cross_task
 from .state import SweepState, open_sweep
@@ -73,16 +78,12 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
                 grad_norm_steps: int | None = None, ray_temp_dir: str | None = None) -> Path:
     """Runs the finals of a sweep, every task in one Tune experiment, and writes
     ``SWEEP/report-<budget>/`` (one report per task, plus the cross-task table when the sweep
-    has several); returns that folder."""
-    from mlflow.entities import Param
-    from ray import tune
+    has several); returns that folder.
 
-    from trainables.dynsdpb import eval_interval
-
-    from .experiment import check_resources, create_trainable, init_ray, prepare_tasks
-    from .searching import replay_config
-    from .files import staged_output
-    from .sweep import create_loggers, fit_tuner
+    Each report is complete on disk before it goes to the artifact store. When the store fails,
+    the reports (and the finals in them, ``finals.json``) stay, the error (:class:`StoreError`) names
+    the store and the cause, and running the same command again uploads what the store lacks
+    without training the finals again."""
     from .tracking import SweepTracker, open_tracking_uri
 
     out = Path(sweep_dir).resolve()
@@ -97,13 +98,51 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
     best = {t: _select_arms(state, t, methods, str(out)) for t in names}
     report_dir = out / f"report-{budget}"
     targets = {n: report_dir if len(state.tasks) == 1 else report_dir / n for n in names}
-    for target in targets.values():
-        if target.exists():
-            raise UserError(f"{target} already exists; remove it to run the {budget} finals again")
-
     spec = state.sweep_spec()
     tracker = SweepTracker(open_tracking_uri(state.tracking_uri, tracking_uri), spec.name, state.sweep_id)
-    parent = tracker.parent_run_id
+    written = {n: target for n, target in targets.items() if target.exists()}
+    for n, target in written.items():  # a report on disk: only what the artifact store lacks goes up
+        if not tracker.missing_artifacts(tracker.parent_run_id, target, _artifact_path(target, out)):
+            raise UserError(f"{target} already exists; remove it to run the {budget} finals again")
+    todo = [n for n in names if n not in written]
+    if todo:
+        run_finals(out, state, spec, tracker, todo, {n: best[n] for n in todo}, seeds, budget, grad_norm_steps,
+                   ray_address, ray_temp_dir, {n: targets[n] for n in todo})
+    for n in names:  # every report on disk now; upload what the store does not have
+        _upload(tracker, targets[n], out)
+    if len(state.tasks) > 1:
+        write_cross_task_report(out, tracker)
+    return report_dir
+
+
+def _artifact_path(target: Path, out: Path) -> str:
+    return target.relative_to(out).as_posix()
+
+
+def _upload(tracker, target: Path, out: Path) -> None:
+    path = _artifact_path(target, out)
+    try:
+        missing = tracker.missing_artifacts(tracker.parent_run_id, target, path)
+        if missing:
+            tracker.upload_artifacts(tracker.parent_run_id, target, path, files=missing)
+    except StoreError as e:
+        raise StoreError(f"{e}; the report and its finals stay in {target}: run the same command again to "
+                         "upload them") from None
+
+
+def run_finals(out: Path, state: SweepState, spec, tracker, names: list[str], best: dict, seeds: int, budget: str,
+               grad_norm_steps: int | None, ray_address: str | None, ray_temp_dir: str | None,
+               targets: dict[str, Path]) -> None:
+    """The finals of ``names``, one Tuner for all, and each task's report written to disk."""
+    from ray import tune
+
+    from trainables.dynsdpb import eval_interval
+
+    from .experiment import check_resources, create_trainable, init_ray, prepare_tasks
+    from .files import staged_output
+    from .searching import replay_config
+    from .tuning import checkpoint_uri, create_loggers, fit_tuner
+
     init_ray(ray_address, ray_temp_dir)
     check_resources(spec, str(out))
     spec_one = spec.model_copy(update={"tasks": state.task_specs(names), "task": None})
@@ -122,17 +161,18 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
 
     # At equal compute only vanilla's config changes: finished equal-epochs finals with the same
     # config (dlb, dynsdpb) are read back instead of trained again.
-    reused = _reusable_finals(Path(state.storage_path) / "finals-epochs", configs) if budget == "compute" else []
+    reused = (_reusable_finals(storage.join(state.storage_path, "finals-epochs"), configs)
+              if budget == "compute" else [])
     configs = [c for c in configs if not any(r.config == c for r in reused)]
 
     # -- the finals: one Tuner, a grid of full configs, retried on crashes ---------------------
     name = f"finals-{budget}"
     _discard_earlier_attempt(tracker, name)
-    shutil.rmtree(Path(state.storage_path) / name, ignore_errors=True)
+    storage.rmtree(storage.join(state.storage_path, name))
     finals_runs = {n: tracker.start_arm(n, name) for n in names}
     for n in names:
-        tracker.client.log_batch(finals_runs[n], params=[Param(k, v) for k, v in {
-            "budget": budget, "seeds": ",".join(map(str, seed_list)), "methods": ",".join(best[n])}.items()])
+        tracker.log_params(finals_runs[n], {"budget": budget, "seeds": ",".join(map(str, seed_list)),
+                                            "methods": ",".join(best[n])})
     results = []
     if configs:
         callback = tracker.trial_callback([(n, name) for n in names], arm=name)
@@ -158,7 +198,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
 
     for result in results:  # the finals keep no models (export takes the sweep's best checkpoints)
         for checkpoint, _ in result.best_checkpoints or []:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+            storage.rmtree(checkpoint_uri(checkpoint, state.storage_path))
     reused_ids = {r.metrics.get("trial_id") for r in reused}
     for n in names:
         with staged_output(targets[n], flag=str(targets[n])) as folder:
@@ -171,16 +211,11 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
             sweep_trials = {m: _sweep_trials(tracker, spec, n, m, t.metric, t.mode) for m in best[n]}
             sweep_scores = {m: [x["score"] for x in trials_] for m, trials_ in sweep_trials.items()}
             summary = write_report(folder, state=_report_state(state, n), task=n, best=best[n], budget=budget,
-                                        seeds=seed_list, trials=trials, histories=histories,
-                                        sweep_scores=sweep_scores, finals_run=finals_runs[n], baseline=t.baseline,
-                                        sweep_trials=sweep_trials)
-            for m, s in summary["arms"].items():
-                if s["mean"] is not None:
-                    tracker.client.log_metric(finals_runs[n], f"{m}_{t.metric}_mean", s["mean"])
-            tracker.client.log_artifacts(parent, str(folder), str(targets[n].relative_to(out)))
-    if len(state.tasks) > 1:
-        write_cross_task_report(out, tracker)
-    return report_dir
+                                   seeds=seed_list, trials=trials, histories=histories,
+                                   sweep_scores=sweep_scores, finals_run=finals_runs[n], baseline=t.baseline,
+                                   sweep_trials=sweep_trials)
+        tracker.log_metrics(finals_runs[n], {f"{m}_{t.metric}_mean": s["mean"] for m, s in summary["arms"].items()
+                                             if s["mean"] is not None})
 
 
 def write_cross_task_report(out: Path, tracker=None) -> Path | None:
@@ -199,7 +234,7 @@ def write_cross_task_report(out: Path, tracker=None) -> Path | None:
     folder.mkdir(exist_ok=True)
     write_cross_task(folder, per_task)
     if tracker is not None:
-        tracker.client.log_artifacts(tracker.parent_run_id, str(folder), "cross-task")
+        _upload(tracker, folder, out)
     return folder
 
 
@@ -210,14 +245,15 @@ def _report_state(state: SweepState, task: str) -> dict:
             "parent_run_id": state.parent_run_id, "baseline": t.baseline}
 
 
-def _reusable_finals(experiment: Path, configs: list[dict]) -> list:
-    """Finished trials of an earlier finals experiment whose config equals one of ``configs``."""
+def _reusable_finals(experiment: str, configs: list[dict]) -> list:
+    """Finished trials of an earlier finals experiment (a local folder or a URI) whose config
+    equals one of ``configs``."""
     from ray.tune import Tuner
 
-    if not experiment.is_dir() or not Tuner.can_restore(str(experiment)):
+    if not storage.is_dir(experiment) or not Tuner.can_restore(experiment):
         return []
     try:
-        grid = Tuner.restore(str(experiment), trainable=train_final).get_results()
+        grid = Tuner.restore(experiment, trainable=train_final).get_results()
     except Exception:  # an unreadable or partial experiment: train everything again
         return []
     return [r for r in grid if R.classify(r.metrics, r.error is not None) is R.Outcome.FINISHED
@@ -229,8 +265,7 @@ def _discard_earlier_attempt(tracker, name: str) -> None:
     attempt whose report was never written or was removed, so the runs match the new report."""
     from .tracking import TAG_ARM, TAG_SWEEP
 
-    for run in tracker.search({TAG_SWEEP: tracker.sweep_id, TAG_ARM: name}):
-        tracker.client.delete_run(run.info.run_id)
+    tracker.delete_runs(tracker.search({TAG_SWEEP: tracker.sweep_id, TAG_ARM: name}))
 
 
 def collect_finals(grid, metric: str) -> tuple[list[dict], dict[str, list]]:
@@ -264,7 +299,7 @@ def _sweep_trials(tracker, spec, task: str, method: str, metric: str, mode: str)
     runs = sorted(tracker.trial_runs(task, method), key=lambda r: r.info.start_time or 0)
     out = []
     for r in runs:
-        values = [m.value for m in tracker.client.get_metric_history(r.info.run_id, metric) if math.isfinite(m.value)]
+        values = [v for v in tracker.metric_history(r.info.run_id, metric) if math.isfinite(v)]
         failed = r.info.status == "FAILED"
         score = (max(values) if mode == "max" else min(values)) if values and not failed else None
         out.append({**{k: _number(r.data.params.get(k)) for k in searched}, "score": score})

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, one_line
+from .errors import StoreError, UserError, one_line
 
 TAG_TASK = "tune_dynsdpb.task"
 ALIAS_CHAMPION = "champion"
@@ -108,38 +108,21 @@ def _candidates(state, task: str, arm: str | None, where: str) -> tuple[dict[str
     return scored, pick(scored, key=lambda m: scored[m]["score"])
 
 
-def _check_name(client, name: str, task: str) -> bool:
-    """Refuses a registered model of another task; returns whether ``name`` exists already."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise UserError(f"--name: {name!r}: {one_line(e)}") from None
-    have = model.tags.get(TAG_TASK)
-    if have is None and client.search_model_versions(f"name = '{name}'", max_results=1):
-        raise UserError(f"--name: registered model {name!r} already holds models of an unknown task "
-                        f"(no {TAG_TASK} tag); pick another name")
-    if have is not None and have != task:
-        raise UserError(f"--name: registered model {name!r} holds {have} models; this sweep's task is {task}")
-    return True
-
-
 def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
                  tracking_uri: str | None = None, task: str | None = None) -> dict[str, Any]:
-    """Registers each arm's best model as a version of ``name``; returns {arm: version, "champion": arm}."""
+    """Registers each arm's best model as a version of ``name``; returns {arm: version, "champion": arm}.
+    Each best checkpoint is read from the sweep's storage path (a local folder, or downloaded from a
+    URI into a temporary folder)."""
     import mlflow
     import transformers
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
+    from . import storage
     from .data import load_task
     from .searching import replay_config
     from .state import open_sweep
-    from .tracking import TAG_PARENT, TAG_ROLE, TAG_SWEEP, SweepTracker, check_tracking_uri, open_tracking_uri
+    from .tracking import (TAG_PARENT, TAG_ROLE, TAG_SWEEP, Registry, SweepTracker, check_tracking_uri,
+                           open_tracking_uri, redact_uri)
 
     out = Path(sweep_dir).resolve()
     state = open_sweep(out)
@@ -148,16 +131,17 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     task_name = state.pick_task(task)
     best, winner = _candidates(state, task_name, arm, str(out))
     for m, b in best.items():
-        if not b.get("checkpoint") or not Path(b["checkpoint"]).is_dir():
-            raise UserError(f"{out}: the best checkpoint of arm {m!r} is missing: {b.get('checkpoint')}")
+        if not b.get("checkpoint") or not storage.is_dir(b["checkpoint"]):
+            raise UserError(f"{out}: the best checkpoint of arm {m!r} is missing: "
+                            f"{storage.redact(str(b.get('checkpoint')))}")
     uri = open_tracking_uri(state.tracking_uri, tracking_uri)
     check_tracking_uri(uri)
     spec = state.sweep_spec()
     ts = next(t for t in spec.task_specs() if t.task == task_name)
     task = load_task(ts.task, state.tasks[task_name].data_dir or ts.data_dir, max_train_samples=ts.max_train_samples,
                      max_eval_samples=ts.max_eval_samples, seed=spec.seed)
-    client = MlflowClient(uri, registry_uri=uri)
-    existed = _check_name(client, name, task.name)  # before anything is logged
+    registry = Registry(uri)
+    existed = registry.check_name(name, task.name)  # before anything is logged
 
     tracker = SweepTracker(uri, spec.name, state.sweep_id)
     ptask = pipeline_task(task.kind)
@@ -165,10 +149,8 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     example = input_example(task)
     reqs = [f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
             f"torch=={__import__('torch').__version__.split('+')[0]}"]
-    run = client.create_run(tracker.experiment_id, run_name=f"export-{name}",
-                            tags={TAG_SWEEP: state.sweep_id, TAG_ROLE: "export",
-                                  TAG_PARENT: tracker.task_run(task_name)})
-    run_id = run.info.run_id
+    run_id = registry.start_run(tracker.experiment_id, f"export-{name}",
+                                {TAG_SWEEP: state.sweep_id, TAG_ROLE: "export", TAG_PARENT: tracker.task_run(task_name)})
     created: list[str] = []
     logged: list[str] = []
     aliases = {f"best-{m}": m for m in best} | {ALIAS_CHAMPION: winner}
@@ -176,28 +158,26 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     try:
         with _tracking(uri):
             if not existed:
-                try:
-                    client.create_registered_model(name, tags={TAG_TASK: task.name,
-                                                               "tune_dynsdpb.pipeline_task": ptask})
-                except MlflowException as e:  # a concurrent export made it first: share it, never delete it
-                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-                    existed = _check_name(client, name, task.name)
+                existed = registry.create_model(name, task.name, {"tune_dynsdpb.pipeline_task": ptask})
             if existed:  # same task (checked above), or an empty model without the tag yet
-                client.set_registered_model_tag(name, TAG_TASK, task.name)
-            for alias in aliases:  # what to put back, read before this export changes anything
-                with contextlib.suppress(Exception):
-                    before[alias] = str(client.get_model_version_by_alias(name, alias).version)
+                registry.tag_model(name, TAG_TASK, task.name)
+            before = registry.alias_versions(name, aliases)  # what to put back, read before any change
             versions = {}
             for m, b in best.items():
-                model, tokenizer = load_checkpoint(b["checkpoint"], task, state.model_path)
+                with storage.local_copy(b["checkpoint"], prefix="dynsdpb-export-") as folder:
+                    model, tokenizer = load_checkpoint(folder, task, state.model_path)
                 output = _predict(transformers.pipeline(ptask, model=model, tokenizer=tokenizer), example,
                                   model_config)
-                with mlflow.start_run(run_id=run_id):
-                    info = mlflow.transformers.log_model(
-                        transformers_model={"model": model, "tokenizer": tokenizer}, task=ptask, name=f"model-{m}",
-                        signature=infer_signature(example, output), input_example=example,
-                        model_config=model_config, pip_requirements=reqs)
+                try:
+                    with mlflow.start_run(run_id=run_id):
+                        info = mlflow.transformers.log_model(
+                            transformers_model={"model": model, "tokenizer": tokenizer}, task=ptask,
+                            name=f"model-{m}", signature=infer_signature(example, output), input_example=example,
+                            model_config=model_config, pip_requirements=reqs)
+                except Exception as e:  # noqa: BLE001 - the artifact store failed (HTTP 5xx, S3 down, ...)
+                    raise StoreError(f"MLflow artifact store of {redact_uri(uri)}: cannot upload model-{m} of "
+                                     f"{name!r}: {one_line(e)}; nothing was registered: run the same command "
+                                     "again") from None
                 logged.append(info.model_id)
                 config = replay_config(b) if b.get("config") else {}  # a pbt arm's: with its learned schedule
                 tags = {"tune_dynsdpb.sweep_id": state.sweep_id, "tune_dynsdpb.arm": m,
@@ -207,22 +187,18 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
                         "tune_dynsdpb.trial_id": str(b.get("trial_id")),
                         "tune_dynsdpb.trial_run_id": str(b.get("run_id")), "tune_dynsdpb.export_run_id": run_id,
                         "tune_dynsdpb.config": _json(config)}
-                mv = client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
-                                                 model_id=info.model_id)
-                created.append(mv.version)
-                versions[m] = mv.version
+                version = registry.create_version(name, info.model_uri, run_id, tags, info.model_id)
+                created.append(version)
+                versions[m] = version
             # aliases only once every version exists: an alias never points at a half-made export;
             # champion goes last, so a killed export leaves the old champion in place
             for alias, m in aliases.items():
-                client.set_registered_model_alias(name, alias, versions[m])
+                registry.set_alias(name, alias, versions[m])
     except BaseException:
-        _rollback(client, name, created, before, existed)
-        for model_id in logged:
-            with contextlib.suppress(Exception):
-                client.delete_logged_model(model_id)
-        client.delete_run(run_id)
+        registry.rollback(name, created, before, existed)
+        registry.discard(run_id, logged)
         raise
-    client.set_terminated(run_id)
+    registry.end_run(run_id)
     return {**versions, ALIAS_CHAMPION: winner, "run_id": run_id}
 
 
@@ -240,42 +216,6 @@ def _json(config: dict) -> str:
     import json
 
     return json.dumps(config, sort_keys=True, default=str)[:5000]
-
-
-def _rollback(client, name: str, created: list[str], before: dict[str, str], existed: bool) -> None:
-    """Undoes one export, touching only what it made, so that a concurrent export survives it:
-
-    * an alias is put back (or removed, if it had no version before) only while it still points at a
-      version this export created; an alias another export has moved since is left alone;
-    * the versions this export created are deleted;
-    * the registered model is deleted only if this export created it and no version is left in it."""
-    mine = {str(v) for v in created}
-    for alias in before.keys() | _aliases_of(client, name):
-        try:
-            now = client.get_model_version_by_alias(name, alias).version
-        except Exception:  # noqa: BLE001 - no such alias (any more)
-            continue
-        if str(now) not in mine:
-            continue
-        with contextlib.suppress(Exception):
-            if alias in before:
-                client.set_registered_model_alias(name, alias, before[alias])
-            else:
-                client.delete_registered_model_alias(name, alias)
-    for version in created:
-        with contextlib.suppress(Exception):
-            client.delete_model_version(name, version)
-    if not existed:
-        with contextlib.suppress(Exception):
-            if not client.search_model_versions(f"name = '{name}'", max_results=1):
-                client.delete_registered_model(name)
-
-
-def _aliases_of(client, name: str) -> set[str]:
-    try:
-        return set(client.get_registered_model(name).aliases)
-    except Exception:  # noqa: BLE001
-        return set()
 
 
 # The flavor keys that name a class to instantiate: each must be a class of the transformers package.

@@ -173,6 +173,8 @@ class RoundRobinSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        if _JOURNAL:  # the studies live in this driver's journal, wherever the sweep started
+            reopen_journal(self, _JOURNAL[0])
 
 
 class _GroupView:
@@ -418,6 +420,28 @@ def tie_notes(state) -> list[str]:
     return lines
 
 
+_JOURNAL: list[str] = []  # the journal file of this driver (set by the sweep before Tune restores)
+
+
+def use_journal(path: str | None) -> None:
+    """The journal file this driver keeps the studies in: a searcher that Tune restores
+    (``Tuner.restore``) re-opens its studies there, also when the sweep was started in another
+    folder or on another machine (its pickled studies name the old file)."""
+    _JOURNAL[:] = [path] if path else []
+
+
+def reopen_journal(searcher: "RoundRobinSearcher", path: str) -> None:
+    """Points every group's study (one JournalStorage shared by all of them and their trials) at
+    the journal file ``path``."""
+    from optuna.storages.journal import JournalFileBackend
+
+    for s in searcher.searchers.values():
+        journal = getattr(s, "_storage", None)
+        backend = getattr(journal, "_backend", None)
+        if isinstance(backend, JournalFileBackend) and getattr(backend, "_file_path", path) != path:
+            journal._backend = JournalFileBackend(path)
+
+
 def create_journal_storage(path: str):
     """Optuna's journal storage in the sweep folder: ``optuna-dashboard <path>`` opens its studies."""
     import optuna
@@ -427,6 +451,6 @@ def create_journal_storage(path: str):
 
 
 __all__: list[str] = ["RoundRobinSearcher", "GroupedASHA", "create_searcher", "create_scheduler",
-                      "create_points_to_evaluate", "create_journal_storage", "tie_notes",
+                      "create_points_to_evaluate", "create_journal_storage", "use_journal", "tie_notes",
                       "create_pbt", "learned_schedule", "record_schedules", "replay_config", "group_of", "study_name",
                       "DefineByRun"]

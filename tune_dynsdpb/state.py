@@ -9,6 +9,25 @@
     OUT/optuna.journal    every (task, arm) study: ``optuna-dashboard OUT/optuna.journal``
     OUT/ray/sweep/        the one Tune experiment: trial folders, checkpoints, searcher state
     OUT/ray/finals-*/     compare's finals
+
+``OUT/ray`` is the default storage path; ``--storage-path`` puts it elsewhere (an NFS folder,
+``s3://bucket/prefix``, ...; see :mod:`tune_dynsdpb.storage`). The storage path also holds a mirror
+of the driver's state, so that another machine can take a sweep over (``sweep --resume
+--storage-path URI --output-dir NEW``)::
+
+    STORAGE/sweep.json        this state, written with every save
+    STORAGE/optuna.journal    the studies, uploaded as trials start and end (and every 30 s)
+    STORAGE/driver.lease      the driver that owns the sweep now: host, pid, heartbeat
+
+The lease stands in for the folder lock on shared storage, where no lock spans machines. The
+driver writes it before any trial, then rewrites its heartbeat every ``LEASE_HEARTBEAT_S`` seconds,
+and deletes it when it ends (also on Ctrl-C or SIGTERM). Another driver refuses the sweep while the
+lease is held: its heartbeat is younger than ``LEASE_TTL_S`` seconds, and, on the same host, its
+process is alive. A lease whose driver was killed (SIGKILL, a lost machine) is taken over after
+``LEASE_TTL_S`` seconds (at once on the same host). It is advisory and best effort: object stores
+have no compare-and-swap for it, so two drivers started within the same second on two machines
+could both take it; the later one's write wins, and the other stops at its next heartbeat.
+Heartbeats are compared with the reader's clock: keep the machines' clocks in sync (NTP).
 """
 
 from __future__ import annotations
@@ -17,17 +36,26 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import UserError
+from . import storage
+from .errors import UserError, one_line
 from .files import write_atomic
 from .results import Outcome
 
 STATE_FILE = "sweep.json"
 LOCK_FILE = ".lock"
+JOURNAL_FILE = "optuna.journal"
+LEASE_FILE = "driver.lease"
+LEASE_TTL_S = float(os.environ.get("TUNE_DYNSDPB_LEASE_TTL_S", 90))
+LEASE_HEARTBEAT_S = LEASE_TTL_S / 6
 EXPERIMENT = "sweep"   # the Tune experiment's name under OUT/ray
 VERSION = 2
 
@@ -120,11 +148,41 @@ class SweepState(_Model):
         return task
 
     def save(self, out: str | os.PathLike) -> None:
-        write_atomic(Path(out) / STATE_FILE, self.model_dump_json(indent=2))
+        """Writes ``OUT/sweep.json`` (atomic), then its mirror on the storage path (unless that
+        lies inside ``OUT``, as the default ``OUT/ray`` does)."""
+        text = self.model_dump_json(indent=2)
+        write_atomic(Path(out) / STATE_FILE, text)
+        if not inside(self.storage_path, out):
+            mirror(self.storage_path, STATE_FILE, text=text)
 
 
 def arm_key(task: str, method: str) -> str:
     return f"{task}/{method}"
+
+
+def inside(storage_path: str, out: str | os.PathLike) -> bool:
+    """Whether the storage path lies in the sweep folder (then it has no mirror and no lease: the
+    folder and its lock are all there is)."""
+    if storage.is_uri(storage_path):
+        return False
+    path, folder = Path(storage.normalize(storage_path)), Path(out).resolve()
+    return path == folder or folder in path.parents
+
+
+def mirror(storage_path: str, name: str, text: str | None = None, local: str | os.PathLike | None = None) -> bool:
+    """Copies ``text`` (or the local file ``local``) to ``STORAGE/name``. A failure does not stop
+    the sweep (its folder has the file): it is reported as one warning line on stderr."""
+    target = storage.join(storage_path, name)
+    try:
+        if local is not None:
+            storage.upload(str(local), target)
+        else:
+            storage.write_text(target, text or "")
+        return True
+    except Exception as e:  # noqa: BLE001 - the storage is down or slow: the next save tries again
+        print(f"tune-dynsdpb: warning: cannot mirror {name} to {storage.redact(target)}: {one_line(e)}",
+              file=sys.stderr)
+        return False
 
 
 def open_sweep(out: str | os.PathLike) -> SweepState:
@@ -133,8 +191,30 @@ def open_sweep(out: str | os.PathLike) -> SweepState:
     if not path.is_file():
         raise UserError(f"{out}: holds no sweep (no {STATE_FILE})")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return _parse(path.read_text(encoding="utf-8"), path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt sweep state: {str(e).splitlines()[0]}") from None
+
+
+def open_stored_sweep(storage_path: str, flag: str = "--storage-path") -> SweepState:
+    """The sweep mirrored on a storage path (``STORAGE/sweep.json``), for a driver that takes it
+    over from another folder or machine."""
+    where = storage.join(storage_path, STATE_FILE)
+    try:
+        if not storage.is_file(where):
+            raise UserError(f"{flag}: {storage.redact(storage_path)} holds no sweep (no {STATE_FILE})")
+        text = storage.read_text(where)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{flag}: cannot read {storage.redact(where)}: {one_line(e)}") from None
+    return _parse(text, storage.redact(where))
+
+
+def _parse(text: str, path) -> SweepState:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
         raise UserError(f"{path}: corrupt sweep state: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict) or raw.get("version") != VERSION:
         raise UserError(f"{path}: not a version-{VERSION} sweep state (written by another tune-dynsdpb?)")
@@ -164,5 +244,65 @@ def lock_folder(out: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-__all__ = ["SweepState", "ArmState", "TaskState", "BestTrial", "open_sweep", "lock_folder", "arm_key",
-           "STATE_FILE", "EXPERIMENT", "Outcome"]
+def _lease_text() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lease(where: str) -> dict | None:
+    try:
+        return json.loads(storage.read_text(where)) if storage.is_file(where) else None
+    except (ValueError, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def hold_lease(storage_path: str, flag: str = "--storage-path") -> Iterator[None]:
+    """The driver's lease on the storage path for the block (semantics in the module's docstring):
+    a one-line UserError while another live driver holds it; a heartbeat thread keeps it fresh."""
+    where = storage.join(storage_path, LEASE_FILE)
+    mine = _lease_text()
+    held = _read_lease(where)
+    if held and (held.get("host"), held.get("pid")) != (mine["host"], mine["pid"]):
+        age = time.time() - float(held.get("heartbeat", 0))
+        same_host = held.get("host") == mine["host"]
+        if age < LEASE_TTL_S and (not same_host or _alive(int(held.get("pid", 0)))):
+            raise UserError(f"{flag}: {storage.redact(storage_path)} is in use by the tune-dynsdpb driver on "
+                            f"{held.get('host')} (pid {held.get('pid')}, heartbeat {age:.0f} s ago); a driver "
+                            f"silent for {LEASE_TTL_S:.0f} s is taken over")
+    storage.write_text(where, json.dumps(mine))
+    back = _read_lease(where)
+    if back and (back.get("host"), back.get("pid")) != (mine["host"], mine["pid"]):
+        raise UserError(f"{flag}: {storage.redact(storage_path)} was just taken by the tune-dynsdpb driver on "
+                        f"{back.get('host')} (pid {back.get('pid')})")
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(LEASE_HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a missed beat is retried at the next one
+                storage.write_text(where, json.dumps({**mine, "heartbeat": time.time()}))
+
+    thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            now = _read_lease(where)
+            if now is None or (now.get("host"), now.get("pid")) == (mine["host"], mine["pid"]):
+                storage.delete_file(where)
+
+
+__all__ = ["SweepState", "ArmState", "TaskState", "BestTrial", "open_sweep", "open_stored_sweep", "lock_folder",
+           "hold_lease", "mirror", "inside", "arm_key", "STATE_FILE", "JOURNAL_FILE", "LEASE_FILE", "EXPERIMENT", "Outcome"]

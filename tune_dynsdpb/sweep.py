@@ -1,20 +1,23 @@
 """``tune-dynsdpb sweep``: every (task, arm) of a sweep file in one Ray Tune experiment.
 
-A sweep reads top to bottom:
+A sweep reads top to bottom (:func:`run_sweep`):
 
 1. open the sweep: the file (and ``--set`` overrides) validated, or the saved state of the
-   folder to resume, with a lock so one driver owns the folder;
-2. make ready what every trial shares, in the driver: Ray, the tracking store, each task's data
-   (tokenized once), and one real training step per task (:func:`~tune_dynsdpb.experiment.preflight`)
-   so a setting that would fail in every trial fails now, once;
-3. run one ``Tuner`` over all (task, arm) groups: a round-robin searcher with one Optuna study
-   per group and one ASHA bracket set per group (:mod:`tune_dynsdpb.searching`), tracked in
-   MLflow from this process (:mod:`tune_dynsdpb.tracking`);
+   folder to resume (or, for a folder that has none, the state mirrored on ``--storage-path``),
+   with a lock so one driver owns the folder, and a lease on the storage path;
+2. check the storage path (a probe object written and deleted) and make ready what every trial
+   shares, in the driver: Ray, the tracking store, each task's data (tokenized once), and one real
+   training step per task (:func:`~tune_dynsdpb.experiment.preflight`) so a setting that would fail
+   in every trial fails now, once;
+3. run one ``Tuner`` over all (task, arm) groups (:mod:`tune_dynsdpb.tuning`): a round-robin
+   searcher with one Optuna study per group and one ASHA bracket set per group
+   (:mod:`tune_dynsdpb.searching`), tracked in MLflow from this process (:mod:`tune_dynsdpb.tracking`);
 4. record each group's outcome counts and best trial (never a failed one) in the state and in
    MLflow; keep each trial's best checkpoint, and the optimizer state only of each arm's best.
 
 Ctrl-C and SIGTERM stop the same way: Tune saves the experiment, and ``--resume`` continues it.
-The folder's layout is in :mod:`tune_dynsdpb.state`.
+The folder's layout, and what is mirrored on the storage path, are in :mod:`tune_dynsdpb.state`;
+the console (header, live table, summary) is :mod:`tune_dynsdpb.console`.
 """
 
 from __future__ import annotations
@@ -22,29 +25,51 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ray import tune
 
 from . import results as R
-from .baselines import learned_line
+from . import storage
+from .console import ProgressCallback, ProgressTable, arm_problems, print_header, print_summary  # noqa: F401
 from .errors import UserError
+from .experiment import check_resources, create_trainable, init_ray, preflight, prepare_tasks, quiet_libraries
 from .params import passes_per_epoch
-from .experiment import (check_resources, create_trainable, init_ray, max_concurrent, preflight, prepare_tasks,
-                         quiet_libraries)
 from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
-from .searching import record_schedules, tie_notes
-from .state import EXPERIMENT, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, lock_folder, open_sweep
+from .searching import record_schedules
+from .state import (EXPERIMENT, JOURNAL_FILE, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, hold_lease,
+                    inside, lock_folder, mirror, open_stored_sweep, open_sweep)
+from .tuning import (CheckpointPruner, JournalMirror, checkpoint_uri, complete, configure_tune,  # noqa: F401
+                     create_loggers, create_tuner, fit_tuner)
 
-OPTUNA_JOURNAL = "optuna.journal"
+OPTUNA_JOURNAL = JOURNAL_FILE
+_configure_tune = configure_tune      # the names benchmarks/ used before the split
+_ProgressCallback = ProgressCallback
 
 
 # -- 1. open the sweep ----------------------------------------------------------------------------
+@dataclass
+class _Sweep:
+    """What one run of ``sweep`` works on."""
+    out: Path
+    spec: SweepSpec
+    state: SweepState | None       # None: a new sweep, until its state is first saved
+    tracking_uri: str
+    storage_path: str
+    where: str                     # the sweep file, as errors name it
+    resume: bool
+    fresh: bool                    # the folder did not exist before this run
+    from_storage: bool = False     # resumed from the storage path's mirror into a new folder
+
+    @property
+    def journal(self) -> str:
+        return str(self.out / JOURNAL_FILE)
+
+
 def _check_output_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir: {out} is a file")
@@ -81,7 +106,7 @@ def create_spec(spec_path: str | Path, methods: Sequence[str] | None = None, num
 
 def _check_resume_args(state: SweepState, **given: Any) -> None:
     saved = {"--methods": state.methods, "--num-samples": state.num_samples, "--data-dir": _saved_data_dir(state),
-             "--tracking-uri": state.tracking_uri}
+             "--tracking-uri": state.tracking_uri, "--storage-path": state.storage_path}
     for flag, value in given.items():
         if value is None or value == [] or value == ():
             continue
@@ -93,16 +118,58 @@ def _check_resume_args(state: SweepState, **given: Any) -> None:
                         f"drop it to resume, or start a new sweep")
 
 
+def _saved_data_dir(state: SweepState):
+    dirs = {t.data_dir for t in state.tasks.values()}
+    return dirs.pop() if len(dirs) == 1 else None
+
+
+def open_sweep_run(spec_path, output_dir, *, resume: bool, storage_path: str | None, tracking_uri: str | None,
+                   data_dir: str | None, methods, num_samples, overrides) -> _Sweep:
+    """Step 1: what was asked, validated before anything runs. A resume opens ``OUT/sweep.json``;
+    for an empty or missing ``OUT`` with ``--storage-path``, the state mirrored there."""
+    from .tracking import default_tracking_uri, open_tracking_uri, redact_uri, use_tracking_uri
+
+    if not resume:
+        if spec_path is None:
+            raise UserError("sweep: give a sweep file (e.g. search_spaces/quickstart.yaml)")
+        spec = create_spec(spec_path, methods, num_samples, overrides)
+        out = Path(output_dir or Path("runs") / spec.name).resolve()
+        fresh = not out.exists()
+        _check_output_dir(out)
+        uri = use_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(out)
+        return _Sweep(out, spec, None, uri, storage.normalize(storage_path or out / "ray"), str(spec.path or spec.name),
+                      resume=False, fresh=fresh)
+    if output_dir is None:
+        raise UserError("--resume: needs --output-dir of the interrupted sweep")
+    if spec_path is not None or overrides:
+        raise UserError("--resume: continues the saved sweep file; give no sweep file or --set")
+    out = Path(output_dir).resolve()
+    fresh = not out.exists()
+    from_storage = storage_path is not None and not (out / STATE_FILE).exists()
+    if from_storage:
+        state = open_stored_sweep(storage.normalize(storage_path))
+        _check_output_dir(out)
+    else:
+        state = open_sweep(out)
+    _check_resume_args(state, **{"--methods": methods, "--num-samples": num_samples, "--data-dir": data_dir,
+                                 "--tracking-uri": redact_uri(tracking_uri) if tracking_uri else None,
+                                 "--storage-path": storage.normalize(storage_path) if storage_path else None})
+    spec = state.sweep_spec().model_copy(update={"tasks": state.task_specs(), "task": None})
+    return _Sweep(out, spec, state, open_tracking_uri(state.tracking_uri, tracking_uri), state.storage_path,
+                  state.spec_path, resume=True, fresh=fresh, from_storage=from_storage)
+
+
 @contextlib.contextmanager
-def _undo_unsaved(out: Path | None, fresh: bool):
-    """A new sweep that fails before its state is saved (a bad metric, an unreachable tracking
-    store, resources no node has, a failing preflight) leaves its folder as it found it: removed if
-    it made it, else emptied (it was empty), so the same --output-dir works next time. Entered only
-    once the folder lock is held, so it never touches another driver's folder."""
+def _undo_unsaved(out: Path, fresh: bool):
+    """A sweep that fails before its state is saved in ``out`` (a bad metric, an unreachable
+    tracking store or storage path, resources no node has, a failing preflight) leaves its folder
+    as it found it: removed if it made it, else emptied (it was empty), so the same --output-dir
+    works next time. Entered only once the folder lock is held, so it never touches another
+    driver's folder."""
     try:
         yield
     except BaseException:
-        if out is not None and not (out / STATE_FILE).exists():
+        if not (out / STATE_FILE).exists():
             if fresh:
                 shutil.rmtree(out, ignore_errors=True)
             else:
@@ -114,9 +181,9 @@ def _undo_unsaved(out: Path | None, fresh: bool):
         raise
 
 
-def _saved_data_dir(state: SweepState):
-    dirs = {t.data_dir for t in state.tasks.values()}
-    return dirs.pop() if len(dirs) == 1 else None
+def _lease(run: _Sweep):
+    """The storage path's lease (see :mod:`tune_dynsdpb.state`), unless it lies in the folder."""
+    return contextlib.nullcontext() if inside(run.storage_path, run.out) else hold_lease(run.storage_path)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -127,125 +194,66 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
               ray_temp_dir: str | None = None, trainer_callbacks: list | None = None) -> SweepState:
     """Runs (or resumes) a sweep; returns its final state. ``trainer_callbacks`` go into every
     trial's Trainer (extra ``TrainerCallback`` objects: logging, fault injection in tests)."""
-    from .tracking import (SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri,
-                           open_tracking_uri, redact_uri, use_tracking_uri)
+    from .tracking import check_tracking_uri
 
     quiet_libraries(verbose)
-    # -- 1. what was asked, validated before any trial --------------------------------------------
-    if resume:
-        if output_dir is None:
-            raise UserError("--resume: needs --output-dir of the interrupted sweep")
-        if spec_path is not None or overrides:
-            raise UserError("--resume: continues the saved sweep file; give no sweep file or --set")
-        out = Path(output_dir).resolve()
-        state = open_sweep(out)
-        _check_resume_args(state, **{"--methods": methods, "--num-samples": num_samples, "--data-dir": data_dir,
-                                     "--tracking-uri": redact_uri(tracking_uri) if tracking_uri else None})
-        spec = state.sweep_spec()
-        spec = spec.model_copy(update={"tasks": state.task_specs(), "task": None})
-        tracking_uri = open_tracking_uri(state.tracking_uri, tracking_uri)
-    else:
-        if spec_path is None:
-            raise UserError("sweep: give a sweep file (e.g. search_spaces/quickstart.yaml)")
-        spec = create_spec(spec_path, methods, num_samples, overrides)
-        out = Path(output_dir or Path("runs") / spec.name).resolve()
-        fresh = not out.exists()
-        _check_output_dir(out)
-        state = None
-        tracking_uri = use_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(out)
-    where = str(spec.path or (state.spec_path if state else spec.name))
-
-    with lock_folder(out), _undo_unsaved(None if resume else out, fresh=not resume and fresh):
-        check_tracking_uri(tracking_uri)
-        init_ray(ray_address, ray_temp_dir, verbose=verbose)
-        check_resources(spec, where)
-        model_path = state.model_path if state else _model_path(spec.model)
-        tasks = prepare_tasks(spec, model_path, out / "cache", where, data_dir=None if state else data_dir,
-                              callbacks=trainer_callbacks, say=print)
-        if state is None:
+    run = open_sweep_run(spec_path, output_dir, resume=resume, storage_path=storage_path, tracking_uri=tracking_uri,
+                         data_dir=data_dir, methods=methods, num_samples=num_samples, overrides=overrides)
+    with lock_folder(run.out), _undo_unsaved(run.out, run.fresh):
+        storage.check_storage(run.storage_path)  # before any MLflow run or trial
+        with _lease(run):
+            check_tracking_uri(run.tracking_uri)
+            init_ray(ray_address, ray_temp_dir, verbose=verbose)
+            check_resources(run.spec, run.where)
+            tasks = prepare(run, data_dir, trainer_callbacks, progress)
             if progress:
-                print(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
-            preflight(spec, tasks, where)
-            state = SweepState(
-                sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=where,
-                methods=list(spec.methods), num_samples=spec.budget.num_samples, tracking_uri=redact_uri(tracking_uri),
-                model_path=model_path, created=time.time(), storage_path=str(storage_path or out / "ray"),
-                tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=data_dir or t.spec.data_dir,
-                                    source=t.task.source, train_size=len(t.train), eval_size=len(t.eval),
-                                    data_hash=t.data_hash, baseline=t.baseline,
-                                    truncated={s: c.truncated for s, c in t.truncation.items()})
-                       for n, t in tasks.items()})
-            for n in tasks:
-                for m in spec.methods:
-                    state.arm(n, m)
-            state.save(out)
-        else:
-            for n, t in tasks.items():
-                if t.data_hash != state.tasks[n].data_hash:
-                    raise UserError(f"{t.task.source}: the data of task {n} changed since the sweep started; "
-                                    "resume with the same data, or start a new sweep")
-        if progress:
-            print_header(state, out)
-
-        # -- 2. one experiment for every (task, arm) ------------------------------------------------
-        groups = order_groups(tasks, spec.methods)
-        tracker = SweepTracker(tracking_uri, spec.name, state.sweep_id,
-                               artifact_location=default_artifact_location(out) if tracking_uri.startswith("sqlite") else None)
-        state.parent_run_id = tracker.start_sweep(
-            {"spec": state.spec, "model": model_path, "methods": ",".join(spec.methods),
-             "tasks": ",".join(tasks)}, tags={"tune_dynsdpb.output_dir": str(out)})
-        for n, m in groups:
-            tracker.start_arm(n, m)
-        tracker.set_trial_view({t.metric: t.mode for t in tasks.values()})  # what the MLflow UI opens on
-        for n, t in tasks.items():  # nothing dropped in silence: the truncation counts too
-            tracker.log_truncation(n, t.truncation)
-        state.status = "running"
-        state.save(out)
-        trainable = create_trainable(spec, tasks)
-        storage = state.storage_path
-        experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
-        table = ProgressTable(state, enabled=progress)
-        callback = tracker.trial_callback(groups)
-        _configure_tune(spec)
-        if resume and tune.Tuner.can_restore(experiment):
-            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
-        else:
-            tuner = create_tuner(spec, groups, trainable, storage,
-                                 [callback, _ProgressCallback(), CheckpointPruner()], str(out / OPTUNA_JOURNAL))
-        try:
-            grid = fit_tuner(tuner, len(groups) * spec.budget.num_samples, spec.budget.time_budget_s)
-        except KeyboardInterrupt:  # Tune returned early and saved its state
-            callback.flush()
-            table.close()
-            state.status = "interrupted"
-            state.save(out)
-            raise KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume "
-                                    f"--output-dir {out}") from None
-        finally:
-            table.close()
-        callback.flush()
-
-        # -- 3. what each arm got, and its best trial ---------------------------------------------
-        for n, m in groups:
-            state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
-        outcomes = collect_outcomes(grid, state)
-        tracker.delete_orphans({o["trial_id"] for o in outcomes})
-        _close_orphan_studies(spec, groups, str(out / OPTUNA_JOURNAL))
-        for arm in state.arms.values():
-            if arm.best is not None:
-                arm.best.run_id = tracker.find_trial_run(arm.task, arm.method, arm.best.trial_id)
-                t = state.tasks[arm.task]
-                tracker.record_best(arm.task, arm.method, arm.best.run_id, arm.best.config, t.metric, arm.best.score,
-                                    t.baseline)
-        record_schedules(state, tracker)  # pbt arms: the winning lineage's schedule, into the state and MLflow
-        _prune_checkpoints(grid, state)
-        state.disk_bytes = _disk_use(out)
-        state.status, state.finished = "finished", time.time()
-        state.save(out)
-        tracker.finish_sweep()
+                print_header(run.state, run.out)
+            groups = order_groups(tasks, run.spec.methods)
+            tracker = start_tracking(run, tasks, groups)
+            grid = run_experiment(run, tasks, groups, tracker, progress)
+            record_outcomes(run, grid, groups, tracker)
     if progress:
-        print_summary(state, out)
-    return state
+        print_summary(run.state, run.out)
+    return run.state
+
+
+# -- 2. what every trial shares -------------------------------------------------------------------
+def prepare(run: _Sweep, data_dir: str | None, callbacks: list | None, progress: bool) -> dict:
+    """Each task made ready; a new sweep's preflight and first state, or a resume's data check."""
+    from .tracking import redact_uri
+
+    spec, state = run.spec, run.state
+    model_path = state.model_path if state else _model_path(spec.model)
+    tasks = prepare_tasks(spec, model_path, run.out / "cache", run.where, data_dir=None if state else data_dir,
+                          callbacks=callbacks, say=print)
+    if state is not None:
+        for n, t in tasks.items():
+            if t.data_hash != state.tasks[n].data_hash:
+                raise UserError(f"{t.task.source}: the data of task {n} changed since the sweep started; "
+                                "resume with the same data, or start a new sweep")
+        if run.from_storage:  # take the sweep over: its studies, then its state, into the new folder
+            journal = storage.join(run.storage_path, JOURNAL_FILE)
+            if storage.is_file(journal):
+                storage.download(journal, run.journal)
+            state.save(run.out)
+        return tasks
+    if progress:
+        print(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
+    preflight(spec, tasks, run.where)
+    run.state = SweepState(
+        sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=run.where,
+        methods=list(spec.methods), num_samples=spec.budget.num_samples, tracking_uri=redact_uri(run.tracking_uri),
+        model_path=model_path, created=time.time(), storage_path=run.storage_path,
+        tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=data_dir or t.spec.data_dir,
+                            source=t.task.source, train_size=len(t.train), eval_size=len(t.eval),
+                            data_hash=t.data_hash, baseline=t.baseline,
+                            truncated={s: c.truncated for s, c in t.truncation.items()})
+               for n, t in tasks.items()})
+    for n in tasks:
+        for m in spec.methods:
+            run.state.arm(n, m)
+    run.state.save(run.out)
+    return tasks
 
 
 def _model_path(model: str) -> str:
@@ -263,89 +271,90 @@ def order_groups(tasks: dict, methods: Sequence[str]) -> list[tuple[str, str]]:
     return sorted(groups, key=lambda g: -tokens[g[0]] * passes_per_epoch(g[1]))
 
 
-def _configure_tune(spec: SweepSpec) -> None:
-    """With a search algorithm Tune keeps one pending trial by default; let it queue as many as
-    the cluster has slots, so new trials start as fast as old ones end."""
-    import ray
+def start_tracking(run: _Sweep, tasks: dict, groups: list):
+    """The MLflow runs of the sweep, its tasks and arms (found again on a resume)."""
+    from .tracking import SweepTracker, default_artifact_location
 
-    cpus = ray.cluster_resources().get("CPU", 1)
-    slots = int(cpus // max(spec.resources.cpus_per_trial, 1e-9)) or 1
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(slots, 2)))
+    state = run.state
+    tracker = SweepTracker(run.tracking_uri, run.spec.name, state.sweep_id,
+                           artifact_location=default_artifact_location(run.out)
+                           if run.tracking_uri.startswith("sqlite") else None)
+    state.parent_run_id = tracker.start_sweep(
+        {"spec": state.spec, "model": state.model_path, "methods": ",".join(run.spec.methods),
+         "tasks": ",".join(tasks)}, tags={"tune_dynsdpb.output_dir": str(run.out)})
+    for n, m in groups:
+        tracker.start_arm(n, m)
+    tracker.set_trial_view({t.metric: t.mode for t in tasks.values()})  # what the MLflow UI opens on
+    for n, t in tasks.items():  # nothing dropped in silence: the truncation counts too
+        tracker.log_truncation(n, t.truncation)
+    state.status = "running"
+    state.save(run.out)
+    return tracker
 
 
-def create_loggers() -> list:
-    """The Tune loggers of our runs: the JSON log only (``result.json``, from which Tune reads a
-    trial's ``metrics_dataframe``). Tune's default CSV and TensorBoard loggers are left out while
-    :func:`fit_tuner` runs: every trial is tracked in MLflow, and the TensorBoard writer alone took
-    a quarter of the driver's loop at 32 results/s (``benchmarks/sweep_scale.py``). A user who
-    sets ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0`` gets them back."""
-    from ray.tune.logger import JsonLoggerCallback
+# -- 3. one experiment for every (task, arm) ------------------------------------------------------
+def run_experiment(run: _Sweep, tasks: dict, groups: list, tracker, progress: bool):
+    """The Tuner, new or restored from the storage path, run to its budget."""
+    from .searching import use_journal
 
-    return [JsonLoggerCallback()]
-
-
-@contextlib.contextmanager
-def _without_default_loggers():
-    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # read by Tune when fit() starts
-    given = os.environ.get(key)
-    os.environ.setdefault(key, "1")
+    state, spec = run.state, run.spec
+    trainable = create_trainable(spec, tasks)
+    experiment = storage.join(state.storage_path, EXPERIMENT)
+    table = ProgressTable(state, enabled=progress)
+    callback = tracker.trial_callback(groups)
+    configure_tune(spec)
+    use_journal(run.journal)  # a restored searcher re-opens its studies in this folder's journal
+    JournalMirror.current = None if inside(state.storage_path, run.out) else (run.journal, state.storage_path)
+    if run.resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
+    else:
+        tuner = create_tuner(spec, groups, trainable, state.storage_path,
+                             [callback, ProgressCallback(), CheckpointPruner(state.storage_path), JournalMirror()],
+                             run.journal)
     try:
-        yield
+        grid = fit_tuner(tuner, len(groups) * spec.budget.num_samples, spec.budget.time_budget_s)
+    except KeyboardInterrupt:  # Tune returned early and saved its state
+        callback.flush()
+        table.close()
+        _mirror_journal(run)
+        state.status = "interrupted"
+        state.save(run.out)
+        raise KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume "
+                                f"--output-dir {run.out}") from None
     finally:
-        if given is None:
-            os.environ.pop(key, None)
-
-
-def create_tuner(spec: SweepSpec, groups: list, trainable, storage: str, callbacks: list, journal: str | None):
-    from .searching import create_journal_storage, create_scheduler, create_searcher
-
-    storage_obj = create_journal_storage(journal) if journal else None
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(  # no metric here: a failed trial's last report has no objective
-            num_samples=len(groups) * spec.budget.num_samples,
-            reuse_actors=True,  # no process start + torch/transformers import per trial
-            max_concurrent_trials=max_concurrent(spec), time_budget_s=spec.budget.time_budget_s,
-            search_alg=create_searcher(spec, groups, storage_obj), scheduler=create_scheduler(spec, groups)),
-        run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=[*callbacks, *create_loggers()],
-            failure_config=tune.FailureConfig(max_failures=2),
-            # num_to_keep=None: a bound would force an experiment snapshot every few reports
-            # (benchmarks/sweep_scale.py); CheckpointPruner keeps a finished trial's best one
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=R.OBJECTIVE,
-                                                    checkpoint_score_order=R.MODE)))
-
-
-def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = None):
-    """``tuner.fit()``; raises KeyboardInterrupt if Ctrl-C or SIGTERM ended it early.
-
-    SIGTERM (a preempted node, Slurm, Kubernetes) is turned into the SIGINT that Tune handles:
-    Tune saves the experiment and returns. Tune swaps in its own SIGINT handler for the run and
-    puts the previous one back only when the signal arrives, so the handler in place afterwards
-    tells whether the run was interrupted; the results' ``done`` flags catch the rest."""
-    from .experiment import sigterm_as_interrupt
-
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGINT) if main else None
-    start = time.monotonic()
-    sigterm_as_interrupt()
-    with _without_default_loggers():
-        grid = tuner.fit()
-    interrupted = False
-    if main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
-        interrupted = signal.getsignal(signal.SIGINT) is before
-        signal.signal(signal.SIGINT, before)
-    time_up = time_budget_s is not None and time.monotonic() - start >= time_budget_s
-    if interrupted or (budget is not None and not time_up and not complete(grid, budget)):
-        raise KeyboardInterrupt
+        table.close()
+    callback.flush()
     return grid
 
 
-def complete(grid, budget: int) -> bool:
-    """Whether every budgeted trial has ended on its own, by the scheduler, or in an error (an
-    interrupt leaves running trials TERMINATED without ``done``)."""
-    results = list(grid)
-    return len(results) >= budget and all(r.error is not None or (r.metrics or {}).get("done") for r in results)
+def _mirror_journal(run: _Sweep) -> None:
+    if not inside(run.storage_path, run.out) and os.path.exists(run.journal):
+        mirror(run.storage_path, JOURNAL_FILE, local=run.journal)
+
+
+# -- 4. what each arm got, and its best trial -----------------------------------------------------
+def record_outcomes(run: _Sweep, grid, groups: list, tracker) -> None:
+    state = run.state
+    for n, m in groups:
+        state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
+    outcomes = collect_outcomes(grid, state)
+    tracker.delete_orphans({o["trial_id"] for o in outcomes})
+    _close_orphan_studies(run.spec, groups, run.journal)
+    for arm in state.arms.values():
+        if arm.best is not None:
+            arm.best.run_id = tracker.find_trial_run(arm.task, arm.method, arm.best.trial_id)
+            t = state.tasks[arm.task]
+            tracker.record_best(arm.task, arm.method, arm.best.run_id, arm.best.config, t.metric, arm.best.score,
+                                t.baseline)
+    record_schedules(state, tracker)  # pbt arms: the winning lineage's schedule, into the state and MLflow
+    keep = {a.best.checkpoint for a in state.arms.values() if a.best and a.best.checkpoint}
+    CheckpointPruner(state.storage_path).finish(grid, keep)
+    state.disk_bytes = _disk_use(run.out) + (0 if inside(state.storage_path, run.out)
+                                             else storage.size(state.storage_path))
+    state.status, state.finished = "finished", time.time()
+    _mirror_journal(run)
+    state.save(run.out)
+    tracker.finish_sweep()
 
 
 def collect_outcomes(grid, state: SweepState) -> list[dict]:
@@ -366,16 +375,19 @@ def collect_outcomes(grid, state: SweepState) -> list[dict]:
             arm.failures.append(reason)
         records.append({"trial_id": last.get("trial_id") or getattr(result, "path", ""), "task": task,
                         "method": method, "outcome": outcome.value})
-        # every report with a score carries a checkpoint; Tune keeps each trial's best ones
-        scored = [(m[R.OBJECTIVE], ckpt) for ckpt, m in result.best_checkpoints or [] if R.finite(m.get(R.OBJECTIVE))
-                  and not (ckpt.path.startswith("/") and not os.path.isdir(ckpt.path))]  # (pruned ones)
-        if outcome is R.Outcome.FAILED or not scored:
+        if outcome is R.Outcome.FAILED:
             continue
-        best_obj, ckpt = max(scored, key=lambda x: x[0])
+        # every report with a score carries a checkpoint; Tune keeps each trial's best ones
+        scored = [(m[R.OBJECTIVE], checkpoint_uri(ckpt, state.storage_path)) for ckpt, m in result.best_checkpoints or []
+                  if R.finite(m.get(R.OBJECTIVE))]
+        scored = [(obj, where) for obj, where in scored if storage.is_dir(where)]  # (not pruned)
+        if not scored:
+            continue
+        best_obj, where = max(scored, key=lambda x: x[0])
         if arm.best is None or best_obj > R.objective(arm.best.score, state.tasks[task].mode):
             score = best_obj if state.tasks[task].mode == "max" else -best_obj
             arm.best = BestTrial(trial_id=str(last.get("trial_id")), score=float(score), config=dict(config),
-                                 checkpoint=ckpt.path)
+                                 checkpoint=where)
     return records
 
 
@@ -388,203 +400,19 @@ def _close_orphan_studies(spec: SweepSpec, groups: list, journal: str) -> None:
 
     if not Path(journal).exists():
         return
-    storage = create_journal_storage(journal)
+    journal_storage = create_journal_storage(journal)
     for g in groups:
         try:
-            study = optuna.load_study(study_name=study_name(spec.name, g), storage=storage)
+            study = optuna.load_study(study_name=study_name(spec.name, g), storage=journal_storage)
         except KeyError:
             continue
         for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
-def _prune_checkpoints(grid, state: SweepState) -> None:
-    """Each trial keeps its best checkpoint only; of those, only each arm's best keeps the
-    optimizer and scheduler state (what a resumed training would need)."""
-    keep = {a.best.checkpoint for a in state.arms.values() if a.best and a.best.checkpoint}
-    for result in grid:
-        best = result.get_best_checkpoint(R.OBJECTIVE, R.MODE) if result.best_checkpoints else None
-        for ckpt, _ in result.best_checkpoints or []:
-            if best is not None and ckpt.path != best.path and os.path.isdir(ckpt.path):
-                shutil.rmtree(ckpt.path, ignore_errors=True)
-        if best is not None and best.path not in keep and os.path.isdir(best.path):
-            for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-                for f in Path(best.path).rglob(name):
-                    f.unlink(missing_ok=True)
-
-
-class CheckpointPruner(tune.Callback):
-    """Tune keeps every checkpoint (``num_to_keep=None``: a bounded number forces an experiment
-    snapshot every few reports, which stalls a large sweep); this driver callback keeps only a
-    finished trial's best checkpoint, by the objective the trainable wrote into each one."""
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        import json
-
-        if (trial.config or {}).get(R.METHOD) == "pbt":  # another member may still clone any of them
-            return
-        where = Path(trial.path) if trial.path and os.path.isdir(trial.path) else None  # (local storage only)
-        folders = sorted(where.glob("checkpoint_*")) if where else []
-        scored = []
-        for folder in folders:
-            try:
-                scored.append((json.loads((folder / R.CHECKPOINT_RESULT).read_text())[R.OBJECTIVE], folder))
-            except (OSError, ValueError, KeyError):
-                continue
-        if not scored:
-            return
-        best = max(scored, key=lambda x: x[0])[1]
-        for _, folder in scored:
-            if folder != best:
-                shutil.rmtree(folder, ignore_errors=True)
-
-
 def _disk_use(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-# -- the console ----------------------------------------------------------------------------------
-def console():
-    """rich's console; written to a file or a pipe (a log, CI), it is wide enough for the tables,
-    and commands and paths stay whole, to copy and paste."""
-    import sys
-
-    from rich.console import Console
-
-    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-
-
-def print_header(state: SweepState, out: Path) -> None:
-    c = console()
-    tasks = ", ".join(f"{n} ({t.train_size} train / {t.eval_size} eval, {t.metric.removeprefix('eval_')})"
-                      for n, t in state.tasks.items())
-    c.print(f"[bold]sweep {state.spec['name']}[/bold]: {tasks}")
-    c.print(f"model {state.model_path}; arms {', '.join(state.methods)} × {state.num_samples} trials each")
-    c.print(f"MLflow {state.tracking_uri}; folder {out}")
-
-
-class ProgressTable:
-    """A live table with one row per (task, arm): trials done/running/pending, best so far, ETA."""
-
-    current: "ProgressTable | None" = None  # the driver's table; the Tune callback looks it up
-
-    def __init__(self, state: SweepState, enabled: bool = True):
-        self.state, self.enabled = state, enabled
-        self.trials: dict[str, dict] = {}
-        self.start = time.time()
-        self._live = None
-        ProgressTable.current = self
-
-    def update(self, trial, status: str, result: dict | None = None) -> None:
-        if not self.enabled:
-            return
-        c = trial.config or {}
-        row = self.trials.setdefault(trial.trial_id, {"group": (c.get(R.TASK), c.get(R.METHOD)), "best": None})
-        row["status"] = status
-        if result and R.finite(result.get(R.OBJECTIVE)):
-            row["best"] = max(row["best"], result[R.OBJECTIVE]) if row["best"] is not None else result[R.OBJECTIVE]
-        self._render()
-
-    def _render(self) -> None:
-        from rich.live import Live
-        from rich.table import Table
-
-        n = self.state.num_samples
-        t = Table(title=f"tune-dynsdpb sweep {self.state.spec['name']}", expand=False)
-        for col in ("task", "arm", "done", "running", "pending", "failed", "best so far", "ETA"):
-            t.add_column(col)
-        elapsed = time.time() - self.start
-        for key, arm in self.state.arms.items():
-            rows = [r for r in self.trials.values() if r["group"] == (arm.task, arm.method)]
-            done = sum(r["status"] in ("DONE", "STOPPED", "FAILED") for r in rows)
-            running = sum(r["status"] == "RUNNING" for r in rows)
-            failed = sum(r["status"] == "FAILED" for r in rows)
-            objs = [r["best"] for r in rows if r["best"] is not None]
-            mode = self.state.tasks[arm.task].mode
-            best = "" if not objs else f"{(max(objs) if mode == 'max' else -max(objs)):.4f}"
-            eta = "" if not done else f"{elapsed / done * (n - done):.0f} s" if done < n else "-"
-            t.add_row(arm.task, arm.method, f"{done}/{n}", str(running), str(max(0, n - done - running)),
-                      str(failed), best, eta)
-        if self._live is None:
-            self._live = Live(t, console=console(), refresh_per_second=2, transient=False)
-            self._live.start()
-        else:
-            self._live.update(t)
-
-    def close(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
-
-class _ProgressCallback(tune.Callback):
-    """Feeds the driver's ProgressTable; holds nothing, so Tune can pickle it."""
-
-    def _update(self, trial, status, result=None):
-        if ProgressTable.current is not None:
-            ProgressTable.current.update(trial, status, result)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._update(trial, "RUNNING")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._update(trial, "RUNNING", result)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        outcome = R.classify(trial.last_result)
-        self._update(trial, {R.Outcome.FINISHED: "DONE", R.Outcome.STOPPED: "STOPPED"}.get(outcome, "FAILED"))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._update(trial, "FAILED")
-
-
-def short_config(config: dict) -> str:
-    keys = ("learning_rate", "per_device_train_batch_size", "alpha0", "tau0", "lambda_alpha", "lambda_tau",
-            "distill_warmup", "granularity")
-    names = {"learning_rate": "lr", "per_device_train_batch_size": "B"}
-    return " ".join(f"{names.get(k, k)}={config[k]:.3g}" if isinstance(config[k], float) else
-                    f"{names.get(k, k)}={config[k]}" for k in keys if k in config)
-
-
-def arm_problems(state: SweepState) -> list[str]:
-    """One line per arm that has no scored trial, e.g. ``rte/dlb: 8 of 8 trials failed: ...``."""
-    lines = []
-    for key, arm in state.arms.items():
-        if arm.best is None:
-            failed = arm.counts.get(R.Outcome.FAILED.value, 0)
-            why = f": {arm.failures[0]}" if arm.failures else ""
-            lines.append(f"{key}: {failed} of {arm.started} trials failed{why}" if arm.started
-                         else f"{key}: no trial ran")
-    return lines
-
-
-def print_summary(state: SweepState, out: Path) -> None:
-    from rich.table import Table
-
-    out_console = console()
-    for name, task in state.tasks.items():
-        t = Table(title=f"{name}: best per arm ({task.metric}, {task.mode})")
-        t.add_column("arm")
-        t.add_column("score")
-        t.add_column("vs trivial baseline", no_wrap=True)
-        t.add_column("trials fin/stop/fail", no_wrap=True)
-        t.add_column("best config")
-        for m in state.methods:
-            arm = state.arms.get(f"{name}/{m}")
-            if arm is None:
-                continue
-            b = arm.best
-            t.add_row(m, "-" if b is None else f"{b.score:.4f}",
-                      learned_line(b.score if b else None, task.baseline, task.metric, task.mode),
-                      "/".join(str(arm.counts.get(o.value, 0)) for o in R.Outcome), short_config(b.config) if b else "-")
-        out_console.print(t, soft_wrap=False)
-    uri = state.tracking_uri
-    out_console.print(f"MLflow: experiment '{state.spec['name']}', parent run {state.parent_run_id}")
-    out_console.print(f"  mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"  {uri}")
-    out_console.print(f"  optuna-dashboard {out / OPTUNA_JOURNAL}")
-    if state.disk_bytes is not None:
-        out_console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
-    for line in arm_problems(state):
-        out_console.print(f"[red]no scored trial[/red]: {line}")
-    for line in tie_notes(state):  # every arm trains its own method; say why two still score the same
-        out_console.print(f"tie: {line}")
+__all__ = ["run_sweep", "create_spec", "order_groups", "collect_outcomes", "arm_problems", "print_summary",
+           "EXPERIMENT", "OPTUNA_JOURNAL"]

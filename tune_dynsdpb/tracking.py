@@ -28,6 +28,7 @@ variables (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``/``_TOKEN``, ``MLFLOW_TRACK
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import numbers
@@ -45,7 +46,7 @@ from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
 from . import results as R
-from .errors import UserError, one_line
+from .errors import StoreError, UserError, one_line
 
 TAG_SWEEP = "tune_dynsdpb.sweep_id"
 TAG_ROLE = "tune_dynsdpb.role"
@@ -365,6 +366,68 @@ class SweepTracker:
         self.client.log_batch(self.arm_run(task, arm), tags=arm_tags,
                               metrics=[Metric(f"best_{metric}", float(value), now, 0)])
 
+    # -- what compare and export ask of the store (they never hold a client) ----------------------
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        """Logs the params the run does not have yet (MLflow refuses to change one)."""
+        _log_params(self.client, run_id, {k: str(v)[:_MAX_PARAM] for k, v in params.items()})
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(_key(k), float(v), now, step) for k, v in metrics.items()])
+
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        return [m.value for m in self.client.get_metric_history(run_id, key)]
+
+    def delete_runs(self, runs: list[Run]) -> None:
+        """Soft-deletes runs (``mlflow gc`` or a restore can follow)."""
+        for run in runs:
+            self.client.delete_run(run.info.run_id)
+
+    def artifact_store(self, run_id: str) -> str:
+        """The run's artifact location, credentials redacted (names the store in errors)."""
+        try:
+            return redact_uri(self.client.get_run(run_id).info.artifact_uri)
+        except Exception:  # noqa: BLE001
+            return f"the artifact store of {redact_uri(self.tracking_uri)}"
+
+    def missing_artifacts(self, run_id: str, folder: str | os.PathLike, artifact_path: str) -> list[str]:
+        """The files of the local ``folder`` (relative paths) that the run's ``artifact_path`` lacks,
+        or holds with another size. Raises :class:`StoreError` when the store cannot be listed."""
+        folder = Path(folder)
+        local = {f.relative_to(folder).as_posix(): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
+        try:
+            stored = self._list_files(run_id, artifact_path)
+        except Exception as e:  # noqa: BLE001 - an unreachable or failing artifact store
+            raise StoreError(f"MLflow artifact store {self.artifact_store(run_id)}: cannot list {artifact_path}: "
+                             f"{one_line(e)}") from None
+        return sorted(k for k, size in local.items() if stored.get(k) != size)
+
+    def _list_files(self, run_id: str, path: str, base: str | None = None) -> dict[str, int]:
+        base = path if base is None else base
+        out = {}
+        for info in self.client.list_artifacts(run_id, path):
+            if info.is_dir:
+                out.update(self._list_files(run_id, info.path, base))
+            else:
+                out[info.path[len(base):].lstrip("/")] = info.file_size
+        return out
+
+    def upload_artifacts(self, run_id: str, folder: str | os.PathLike, artifact_path: str,
+                         files: list[str] | None = None) -> None:
+        """Uploads the local ``folder`` (or only ``files`` of it) under the run's ``artifact_path``.
+        A failing store raises :class:`StoreError`: one line naming the store and the cause."""
+        folder = Path(folder)
+        try:
+            if files is None:
+                self.client.log_artifacts(run_id, str(folder), artifact_path)
+            for rel in files or []:
+                parent = Path(rel).parent.as_posix()
+                self.client.log_artifact(run_id, str(folder / rel),
+                                         artifact_path if parent == "." else f"{artifact_path}/{parent}")
+        except Exception as e:  # noqa: BLE001
+            raise StoreError(f"MLflow artifact store {self.artifact_store(run_id)}: cannot upload {artifact_path}: "
+                             f"{one_line(e)}") from None
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
@@ -560,3 +623,113 @@ def error_line(trial) -> str:
         text = Path(trial.error_file).read_text(errors="replace")
     lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
     return lines[-1] if lines else "unknown error"  # a traceback ends with "ValueError: boom"
+
+
+# -- the model registry (export) ------------------------------------------------------------------
+TAG_MODEL_TASK = "tune_dynsdpb.task"
+
+
+class Registry:
+    """The MLflow Model Registry, as ``export`` uses it: every registry call goes through here.
+
+    A registered model carries its task (tag ``tune_dynsdpb.task``); versions get aliases only once
+    all of an export's versions exist; :meth:`rollback` undoes one export and touches only what it
+    made (see its docstring)."""
+
+    def __init__(self, uri_or_client):
+        self.client = uri_or_client if isinstance(uri_or_client, MlflowClient) else \
+            MlflowClient(uri_or_client, registry_uri=uri_or_client)
+
+    def check_name(self, name: str, task: str) -> bool:
+        """Refuses a registered model of another task; returns whether ``name`` exists already."""
+        try:
+            model = self.client.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise UserError(f"--name: {name!r}: {one_line(e)}") from None
+        have = model.tags.get(TAG_MODEL_TASK)
+        if have is None and self.client.search_model_versions(f"name = '{name}'", max_results=1):
+            raise UserError(f"--name: registered model {name!r} already holds models of an unknown task "
+                            f"(no {TAG_MODEL_TASK} tag); pick another name")
+        if have is not None and have != task:
+            raise UserError(f"--name: registered model {name!r} holds {have} models; this sweep's task is {task}")
+        return True
+
+    def create_model(self, name: str, task: str, tags: dict) -> bool:
+        """Creates the registered model; returns whether it existed (a concurrent export made it
+        first: it is shared, never deleted by this one's roll-back)."""
+        try:
+            self.client.create_registered_model(name, tags={TAG_MODEL_TASK: task, **tags})
+            return False
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.check_name(name, task)
+
+    def tag_model(self, name: str, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(name, key, value)
+
+    def alias_versions(self, name: str, aliases) -> dict[str, str]:
+        """{alias: version} of the aliases that exist."""
+        out = {}
+        for alias in aliases:
+            with contextlib.suppress(Exception):
+                out[alias] = str(self.client.get_model_version_by_alias(name, alias).version)
+        return out
+
+    def create_version(self, name: str, source: str, run_id: str, tags: dict, model_id: str | None) -> str:
+        return str(self.client.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                                    model_id=model_id).version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def start_run(self, experiment_id: str, run_name: str, tags: dict) -> str:
+        return self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str) -> None:
+        self.client.set_terminated(run_id)
+
+    def discard(self, run_id: str, logged_models: list[str]) -> None:
+        """Deletes an export's logged models and its run (after a failure)."""
+        for model_id in logged_models:
+            with contextlib.suppress(Exception):
+                self.client.delete_logged_model(model_id)
+        with contextlib.suppress(Exception):
+            self.client.delete_run(run_id)
+
+    def rollback(self, name: str, created: list[str], before: dict[str, str], existed: bool) -> None:
+        """Undoes one export, touching only what it made, so that a concurrent export survives it:
+
+        * an alias is put back (or removed, if it had no version before) only while it still points
+          at a version this export created; an alias another export has moved since is left alone;
+        * the versions this export created are deleted;
+        * the registered model is deleted only if this export created it and no version is left in it."""
+        client = self.client
+        mine = {str(v) for v in created}
+        for alias in before.keys() | self._aliases(name):
+            try:
+                now = client.get_model_version_by_alias(name, alias).version
+            except Exception:  # noqa: BLE001 - no such alias (any more)
+                continue
+            if str(now) not in mine:
+                continue
+            with contextlib.suppress(Exception):
+                if alias in before:
+                    client.set_registered_model_alias(name, alias, before[alias])
+                else:
+                    client.delete_registered_model_alias(name, alias)
+        for version in created:
+            with contextlib.suppress(Exception):
+                client.delete_model_version(name, version)
+        if not existed:
+            with contextlib.suppress(Exception):
+                if not client.search_model_versions(f"name = '{name}'", max_results=1):
+                    client.delete_registered_model(name)
+
+    def _aliases(self, name: str) -> set[str]:
+        try:
+            return set(self.client.get_registered_model(name).aliases)
+        except Exception:  # noqa: BLE001
+            return set()

@@ -1,0 +1,216 @@
+"""The Tune set-up that ``sweep`` and ``compare`` (and ``benchmarks/``) share.
+
+    configure_tune(spec)                    # Tune's pending-trial queue sized to the cluster
+    tuner = create_tuner(spec, groups, trainable, storage, callbacks, journal)
+    grid = fit_tuner(tuner, budget)         # KeyboardInterrupt when Ctrl-C/SIGTERM ended it early
+    CheckpointPruner(storage).finish(grid, keep)   # each trial's best checkpoint only
+
+Loggers: Tune's JSON log only (:func:`create_loggers`). Checkpoints: Tune keeps all of them while a
+trial runs (``num_to_keep=None``); :class:`CheckpointPruner`, the one pruner, keeps each finished
+trial's best, through :mod:`tune_dynsdpb.storage` (a local folder or a URI alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+
+from ray import tune
+
+from . import results as R
+from . import storage
+from .search_space import SweepSpec
+from .state import EXPERIMENT
+
+
+def configure_tune(spec: SweepSpec) -> None:
+    """With a search algorithm Tune keeps one pending trial by default; let it queue as many as
+    the cluster has slots, so new trials start as fast as old ones end."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    slots = int(cpus // max(spec.resources.cpus_per_trial, 1e-9)) or 1
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(slots, 2)))
+
+
+def create_loggers() -> list:
+    """The Tune loggers of our runs: the JSON log only (``result.json``, from which Tune reads a
+    trial's ``metrics_dataframe``). Tune's default CSV and TensorBoard loggers are left out while
+    :func:`fit_tuner` runs: every trial is tracked in MLflow, and the TensorBoard writer alone took
+    a quarter of the driver's loop at 32 results/s (``benchmarks/sweep_scale.py``). A user who
+    sets ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0`` gets them back."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    return [JsonLoggerCallback()]
+
+
+@contextlib.contextmanager
+def _without_default_loggers():
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # read by Tune when fit() starts
+    given = os.environ.get(key)
+    os.environ.setdefault(key, "1")
+    try:
+        yield
+    finally:
+        if given is None:
+            os.environ.pop(key, None)
+
+
+def create_tuner(spec: SweepSpec, groups: list, trainable, storage_path: str, callbacks: list,
+                 journal: str | None):
+    """One Tuner for every (task, arm) group: round-robin Optuna searcher, grouped ASHA."""
+    from .experiment import max_concurrent
+    from .searching import create_journal_storage, create_scheduler, create_searcher
+
+    storage_obj = create_journal_storage(journal) if journal else None
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(  # no metric here: a failed trial's last report has no objective
+            num_samples=len(groups) * spec.budget.num_samples,
+            reuse_actors=True,  # no process start + torch/transformers import per trial
+            max_concurrent_trials=max_concurrent(spec), time_budget_s=spec.budget.time_budget_s,
+            search_alg=create_searcher(spec, groups, storage_obj), scheduler=create_scheduler(spec, groups)),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=storage_path, verbose=0, callbacks=[*callbacks, *create_loggers()],
+            failure_config=tune.FailureConfig(max_failures=2),
+            # num_to_keep=None: a bound would force an experiment snapshot every few reports
+            # (benchmarks/sweep_scale.py); CheckpointPruner keeps a finished trial's best one
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=R.OBJECTIVE,
+                                                    checkpoint_score_order=R.MODE)))
+
+
+def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = None):
+    """``tuner.fit()``; raises KeyboardInterrupt if Ctrl-C or SIGTERM ended it early.
+
+    SIGTERM (a preempted node, Slurm, Kubernetes) is turned into the SIGINT that Tune handles:
+    Tune saves the experiment and returns. Tune swaps in its own SIGINT handler for the run and
+    puts the previous one back only when the signal arrives, so the handler in place afterwards
+    tells whether the run was interrupted; the results' ``done`` flags catch the rest."""
+    from .experiment import sigterm_as_interrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    start = time.monotonic()
+    sigterm_as_interrupt()
+    with _without_default_loggers():
+        grid = tuner.fit()
+    interrupted = False
+    if main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        interrupted = signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGINT, before)
+    time_up = time_budget_s is not None and time.monotonic() - start >= time_budget_s
+    if interrupted or (budget is not None and not time_up and not complete(grid, budget)):
+        raise KeyboardInterrupt
+    return grid
+
+
+def complete(grid, budget: int) -> bool:
+    """Whether every budgeted trial has ended on its own, by the scheduler, or in an error (an
+    interrupt leaves running trials TERMINATED without ``done``)."""
+    results = list(grid)
+    return len(results) >= budget and all(r.error is not None or (r.metrics or {}).get("done") for r in results)
+
+
+def checkpoint_uri(checkpoint, storage_path: str) -> str:
+    """A Tune checkpoint's location as a local path or a URI of the storage path's kind (Tune hands
+    out paths inside its filesystem: ``bucket/prefix/...`` for S3)."""
+    return storage.to_uri(checkpoint.path, storage_path)
+
+
+class CheckpointPruner(tune.Callback):
+    """The one checkpoint pruner. Tune keeps every checkpoint (``num_to_keep=None``: a bounded number
+    forces an experiment snapshot every few reports, which stalls a large sweep); as a driver
+    callback this keeps a finished trial's best checkpoint only, by the objective the trainable
+    wrote into each one; :meth:`finish` does the same for every trial at the end and drops the
+    optimizer state of all but each arm's best. Local folders and URIs alike (it holds the storage
+    path as a string, so Tune can pickle it)."""
+
+    OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+    def __init__(self, storage_path: str):
+        self.storage_path = storage_path
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (trial.config or {}).get(R.METHOD) == "pbt":  # another member may still clone any of them
+            return
+        if trial.path:
+            with contextlib.suppress(Exception):  # never let pruning stop the sweep; finish() tries again
+                self.keep_best(storage.to_uri(trial.path, self.storage_path))
+
+    def keep_best(self, trial_dir: str) -> str | None:
+        """Removes every checkpoint of the trial folder but its best; returns the best one."""
+        scored = []
+        for name, folder in sorted(storage.list_dir(trial_dir).items()):
+            if not (folder and name.startswith("checkpoint_")):
+                continue
+            where = storage.join(trial_dir, name)
+            try:
+                scored.append((json.loads(storage.read_text(storage.join(where, R.CHECKPOINT_RESULT)))[R.OBJECTIVE],
+                               where))
+            except (OSError, ValueError, KeyError):
+                continue
+        if not scored:
+            return None
+        best = max(scored, key=lambda x: x[0])[1]
+        for _, where in scored:
+            if where != best:
+                storage.rmtree(where)
+        return best
+
+    def finish(self, grid, keep: set[str]) -> None:
+        """After the sweep: each trial keeps its best checkpoint only; of those, only the ones in
+        ``keep`` (each arm's best) keep the optimizer and scheduler state (what a resumed training
+        would need)."""
+        for result in grid:
+            if not result.path:
+                continue
+            best = self.keep_best(storage.to_uri(result.path, self.storage_path))
+            if best is not None and best not in keep:
+                for name in self.OPTIMIZER_FILES:
+                    for f in storage.find(best, name):
+                        storage.delete_file(f)
+
+
+class JournalMirror(tune.Callback):
+    """Uploads the driver's Optuna journal to the storage path as trials start and end, and every
+    ``period_s`` seconds, so that another machine can take the sweep over. Holds nothing (Tune
+    pickles it, and a restored sweep may run from another folder): the driver sets
+    :attr:`current` to ``(local journal, storage path)``."""
+
+    current: "tuple[str, str] | None" = None
+    period_s = 30.0
+    _last = 0.0
+
+    def _upload(self, force: bool = True) -> None:
+        from .state import JOURNAL_FILE, mirror
+
+        now = time.monotonic()
+        if JournalMirror.current is None or (not force and now - JournalMirror._last < self.period_s):
+            return
+        JournalMirror._last = now
+        local, storage_path = JournalMirror.current
+        if os.path.exists(local):
+            mirror(storage_path, JOURNAL_FILE, local=local)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._upload()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._upload()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._upload()
+
+    def on_step_end(self, iteration, trials, **info):
+        self._upload(force=False)
+
+    def on_experiment_end(self, trials, **info):
+        self._upload()
+
+
+__all__ = ["configure_tune", "create_loggers", "create_tuner", "fit_tuner", "complete", "checkpoint_uri",
+           "CheckpointPruner", "JournalMirror"]
