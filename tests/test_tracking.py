@@ -148,6 +148,7 @@ class FakeTrial:
         self.trial_id, self.config, self.last_result = trial_id, config, last_result or {}
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_writer_survives_a_briefly_unreachable_server(mlflow_server, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # let the writer's own retries do the work
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -171,7 +172,8 @@ def test_writer_survives_a_briefly_unreachable_server(mlflow_server, monkeypatch
             assert time.time() - t0 < 0.5
         trial.last_result = {R.FINAL: True, R.STEP: 7}
         cb.on_trial_complete(0, [trial], trial)
-        time.sleep(2.0)
+        helpers.wait_for(lambda: any("MLflow write failed" in r.getMessage() for r in caplog.records), 60,
+                         "the writer to meet the outage")
         assert not cb.flush(timeout=0.1)  # still waiting for the server
         plug.push()
         assert cb.flush(timeout=120)
@@ -309,6 +311,7 @@ def trial_runs(uri, name):
     return c.search_runs([exp.experiment_id], "tags.`tune_dynsdpb.role` = 'trial'", max_results=1000)
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_real_sweep_run_tree(real_sweep):
     state, uri, _ = real_sweep
     c = MlflowClient(uri)
@@ -363,6 +366,7 @@ def check_statuses_follow_classify(state, uri, name, experiment) -> dict:
     return seen
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_real_sweep_statuses_follow_classify(real_sweep):
     seen = check_statuses_follow_classify(*real_sweep[:2], "trk", real_sweep[2])
     # rte's second vanilla trial (lr 0.1) loses to the first (lr 1e-6) at the first rung: ASHA stops it
@@ -375,6 +379,7 @@ def test_real_sweep_statuses_follow_classify(real_sweep):
     assert state.arms["rte/vanilla"].best.config["learning_rate"] == 1e-6
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_real_sweep_diverging_trial_is_failed_and_never_best(ray_session, tiny_bert, data_dir, tmp_path_factory):
     """dlb's first trial has a learning rate of 1e6: it really diverges (non-finite loss)."""
     state, uri, experiment = sweep(tmp_path_factory, tiny_bert, data_dir, "div", tasks=1, methods=["dlb"],
