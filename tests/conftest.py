@@ -16,13 +16,69 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")  # the HF Trainer's own MLflow callback: we log ourselves
 os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("TUNE_DYNSDPB_CACHE", tempfile.mkdtemp(prefix="dynsdpb-test-cache-"))  # never ~/.cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
+import guards  # noqa: E402
 import helpers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Fixtures that start Ray or a server: a test that uses one must be marked slow (checked at collection).
+SLOW_FIXTURES = {"ray_session", "mlflow_server", "tiny_sweep"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a fixture starting Ray or a server must be marked slow: the run stops here."""
+    bad = [f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))})" for item in items
+           if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if bad:
+        raise pytest.UsageError("tests that start Ray or a server must be marked slow:\n  " + "\n  ".join(bad))
+
+
+_GUARD: list = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_guard(tmp_path_factory):
+    """Every temporary file under pytest's basetemp; nothing written into the checkout or the
+    shared temp dir (guards.WriteGuard); fails the session's last test otherwise."""
+    basetemp = tmp_path_factory.getbasetemp()
+    mp = pytest.MonkeyPatch()
+    for k, v in guards.session_env(basetemp).items():
+        mp.setenv(k, v)
+    mp.setattr(tempfile, "tempdir", os.environ["TMPDIR"])
+    guard = guards.WriteGuard(ROOT, basetemp)
+    guard.active = True
+    _GUARD.append(guard)
+    yield guard
+    guard.active = False
+    mp.undo()
+    guards.remove_ray_temp_dir()
+    failures, warnings = guard.problems()
+    for w in warnings:
+        print("\nwarning: " + w, file=sys.stderr)
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _name_the_test(request):
+    if _GUARD:
+        _GUARD[0].current = request.node.nodeid
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_guard(request):
+    """Fast-lane tests (not marked slow) start no Ray and no server (guards.FastLaneGuard)."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    with guards.FastLaneGuard(request.node.nodeid) as guard:
+        yield
+    guard.check()
 
 
 @pytest.fixture(scope="session")
@@ -62,18 +118,22 @@ def mlflow_server(tmp_path_factory):
         # its own process group: teardown stops the server and every worker it forked
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=d, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
+    def healthy():
+        if proc.poll() is not None:
+            return True  # ended: reported below
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
+                return r.status == 200
         except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
+            return False
+
+    try:
+        helpers.wait_for(healthy, 120, "the mlflow server")
+    finally:
+        if proc.poll() is not None or not healthy():
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("mlflow server did not start:\n" + (d / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
+    if proc.poll() is not None:
+        pytest.fail("mlflow server did not start:\n" + (d / "server.log").read_text()[-3000:])
     yield url
     helpers.stop_process_group(proc)
 
@@ -84,7 +144,7 @@ def ray_session():
     paths are limited to ~107 characters); the environment is put back afterwards."""
     import ray
 
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    tmp = guards.ray_temp_dir()
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_TMPDIR", tmp)
     mp.setenv("RAY_AUTH_MODE", "disabled")

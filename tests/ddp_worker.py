@@ -12,7 +12,8 @@ batches out round-robin. Only the batches are recorded (no model runs): the chai
 
 ``train_rank<r>.json``: the sample ids of every training micro-batch on this rank, this rank's
 own CE and consistency term at each step, the Trainer's logs, what step 1 must log (computed by
-hand), a digest of the final parameters, and two whole epochs of the trainer's DataLoader.
+hand), a digest of the final parameters, two whole epochs of the trainer's DataLoader, and
+under ``dlb`` the logs and parameter digest of the same run with ``method="dlb"``.
 """
 
 from __future__ import annotations
@@ -161,7 +162,22 @@ def run(args, out: Path) -> None:
         loader.set_epoch(epoch)
         epochs.append([b[SAMPLE_IDS].tolist() for b in loader])
 
+    # The same start, data and seed with dlb: dynsdpb at its default (non-zero) rates must differ
+    dlb_model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    dlb_config = DynSDPBConfig(
+        output_dir=str(out / "trainer-dlb"), method="dlb", per_device_train_batch_size=args.batch_size,
+        max_steps=args.max_steps, use_cpu=True, ddp_backend="gloo", logging_steps=1, report_to=[],
+        save_strategy="no", learning_rate=args.learning_rate, seed=args.seed, disable_tqdm=True)
+    dlb_rec = Logs()
+    dlb_trainer = DynSDPBTrainer(model=dlb_model, args=dlb_config, train_dataset=make_classification(tok, args.samples),
+                                 data_collator=DataCollatorWithPadding(tok), callbacks=[dlb_rec])
+    dlb_trainer.train()
+    dlb_digest = hashlib.sha256()
+    for p in dlb_trainer.accelerator.unwrap_model(dlb_trainer.model).parameters():
+        dlb_digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+
     write(out, f"train_rank{rank}.json", {
+        "dlb": {"logs": dlb_rec.logs, "param_sha256": dlb_digest.hexdigest()},
         "rank": rank, "world_size": trainer.args.world_size, "global_step": trainer.state.global_step,
         "batches": batches, "terms": terms, "logs": rec.logs, "first_step": first,
         "param_sha256": digest.hexdigest(), "param_checksum": float(sum(p.double().sum() for p in params)),

@@ -128,3 +128,25 @@ def stop_process_group(proc, timeout: float = 15) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    """Polls ``condition()`` until it returns something truthy, and returns that; fails the test
+    naming ``what`` after ``timeout`` seconds. The synchronisation for tests: a condition with a
+    deadline, never a fixed sleep. ``condition`` may raise (e.g. a file not written yet): that
+    counts as not yet."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except Exception:  # noqa: BLE001 - not ready yet
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

@@ -59,7 +59,7 @@ def runs_by_role(client, experiment_name) -> dict[str, list]:
 
 def check_tree(client, name: str, tasks: list[str], methods: list[str], budget: int) -> dict:
     """The MLflow tree of a finished sweep: parent → task → arm → exactly ``budget`` trial runs per
-    (task, arm), none RUNNING, no trial id twice, no metric step logged twice."""
+    (task, arm), none RUNNING, no trial id twice, no metric step logged twice unless as a new attempt."""
     runs = runs_by_role(client, name)
     (parent,) = runs["sweep"]
     assert parent.info.status == "FINISHED"
@@ -84,5 +84,8 @@ def check_tree(client, name: str, tasks: list[str], methods: list[str], budget: 
                 assert r.data.tags["mlflow.parentRunId"] == arms[method].info.run_id
                 assert r.info.status in {"FINISHED", "KILLED", "FAILED"}, r.info.status
                 steps = [m.step for m in client.get_metric_history(r.info.run_id, "step")]
-                assert len(steps) == len(set(steps)), (r.info.run_name, steps)
+                # a step logged twice only as a marked new attempt (a trial that ran steps again after
+                # the driver was killed before Tune saved them: tracking.py's module doc)
+                if len(steps) != len(set(steps)):
+                    assert int(r.data.tags.get("tune_dynsdpb.attempts", 1)) > 1, (r.info.run_name, steps)
     return runs

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+import guards
 import helpers
 from sweeps import check_tree, client_for, spec_file
 
@@ -27,18 +28,21 @@ def token_head(tmp_path):
     """`ray start --head` in its own process group, with token authentication on; torn down by
     killing that group (never `ray stop`, which would stop every Ray on the machine)."""
     port, token = helpers.free_port(), "a" * 32
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    temp = guards.short_dir("h")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(tmp_path)}
     proc = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--block",
                              f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(Path(temp).glob("session_*/sockets/raylet*")):
+    def up():
         if proc.poll() is not None:
             pytest.fail("ray start failed: " + proc.stderr.read()[-2000:])
-        time.sleep(0.5)
-    time.sleep(2)
+        if not list(Path(temp).glob("session_*/sockets/raylet*")):
+            return False
+        with socket.create_connection(("127.0.0.1", port), timeout=1):  # its GCS takes connections
+            return True
+
+    helpers.wait_for(up, 120, "the Ray head to take connections")
     yield f"127.0.0.1:{port}", token
     helpers.stop_process_group(proc, timeout=30)
 
@@ -140,7 +144,7 @@ def test_a_node_lost_mid_sweep_costs_retries_not_budget(tiny_bert, data_dir, tmp
     out = tmp_path / "out"
     code = NODE_LOSS.format(tests=str(ROOT / "tests"), root=str(tmp_path), model=str(tiny_bert), out=str(out),
                             data=str(data_dir))
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rc", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_TMPDIR": guards.short_dir("c"), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=840, env=env)
     noise = ("Loading weights", "Writing model shards", "(raylet)", "pid=")
     assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if not any(n in ln for n in noise))[-4000:]

@@ -146,6 +146,24 @@ def test_final_parameters_identical_across_ranks(ddp):
     assert r0["param_checksum"] == r1["param_checksum"]
 
 
+def test_dynsdpb_differs_from_dlb_across_ranks(ddp):
+    """The same DDP run with dlb (same start, data and seed): step 1 (no term) agrees, then dynsdpb's
+    all-reduced alpha/tau statistics, consistency term, loss and final weights part from dlb's.
+    A dynsdpb that trains as dlb (both rates forced to 0) fails here."""
+    r0, r1 = ddp["train"]
+    dyn, dlb = r0["logs"], r0["dlb"]["logs"]
+    assert r1["dlb"]["logs"] == dlb and r1["dlb"]["param_sha256"] == r0["dlb"]["param_sha256"]  # ranks agree
+    assert [log["step"] for log in dlb] == [log["step"] for log in dyn] == list(range(1, STEPS + 1))
+    assert dyn[0]["loss"] == pytest.approx(dlb[0]["loss"], rel=1e-6)
+    for d, s in zip(dlb[1:], dyn[1:]):
+        assert d["alpha_min"] == d["alpha_max"] == 1.0 and d["tau_min"] == d["tau_max"] == pytest.approx(3.0)
+        assert s["alpha_max"] < 1.0 and s["alpha_min"] < s["alpha_max"]  # alpha0 * c^1, c < 1, per sample
+        assert s["tau_min"] > 3.0 and s["tau_min"] < s["tau_max"]  # tau0 * (1 + 0.5 u), u > 0
+        assert s["consistency_loss"] != pytest.approx(d["consistency_loss"], rel=1e-6)
+        assert s["loss"] != d["loss"]
+    assert r0["param_sha256"] != r0["dlb"]["param_sha256"]
+
+
 def test_negative_control_accelerate_sharding_breaks_the_chain(ddp):
     """The same sampler without the trainer's fix: accelerate's BatchSamplerShard deals the one
     chain out round-robin, so rank r gets batches r, r+2, ... and no two of its consecutive

@@ -84,14 +84,17 @@ def test_train_output_dir_under_a_file(data_dir, tiny_bert, tmp_path, capsys):
     rejected(capsys, train_args(data_dir, tiny_bert, out), f"--output-dir: cannot create {out.parent}: File exists")
 
 
-def test_train_unwritable_parent(data_dir, tiny_bert, tmp_path, capsys, monkeypatch):
-    """Tests run as root here, for whom every folder is writable: os.access answers as for a user."""
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == parent else real(p, mode, **k))
-    rejected(capsys, train_args(data_dir, tiny_bert, parent / "out"), f"--output-dir: {parent} is not writable")
-    assert not any(parent.iterdir())
+# A folder that is not writable even for root (the tests may run as root, for whom chmod changes
+# nothing): /proc/sys, read-only by the kernel. Skipped where there is none.
+READ_ONLY = Path("/proc/sys")
+needs_read_only = pytest.mark.skipif(not READ_ONLY.is_dir() or os.access(READ_ONLY, os.W_OK),
+                                     reason="no folder here that is read-only for this user")
+
+
+@needs_read_only
+def test_train_unwritable_parent(data_dir, tiny_bert, tmp_path, capsys):
+    rejected(capsys, train_args(data_dir, tiny_bert, READ_ONLY / "out"), f"--output-dir: {READ_ONLY} is not writable")
+    assert not (READ_ONLY / "out").exists()
 
 
 # ============================================================================ sweep files (before anything runs)
@@ -190,11 +193,14 @@ def test_sweep_output_dir_not_empty_without_a_sweep(tiny_bert, tmp_path, capsys)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_sweep_unwritable_output_dir(tiny_bert, tmp_path, capsys, monkeypatch):
-    path, out = write_spec(tmp_path, tiny_bert), tmp_path / "out"
-    out.mkdir()
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == out else real(p, mode, **k))
+@needs_read_only
+def test_sweep_unwritable_output_dir(tiny_bert, tmp_path, capsys):
+    """An existing output folder nobody may write into (see READ_ONLY)."""
+    path = write_spec(tmp_path, tiny_bert)
+    empty = [Path(d) for d, dirs, files in os.walk(READ_ONLY) if not dirs and not files and not os.access(d, os.W_OK)]
+    if not empty:
+        pytest.skip(f"no empty folder under {READ_ONLY}")
+    out = empty[0]  # e.g. /proc/sys/fs/binfmt_misc
     rejected(capsys, ["sweep", path, "--output-dir", out], f"--output-dir: {out} is not writable")
     assert not any(out.iterdir())
 
@@ -262,6 +268,7 @@ def test_resume_with_other_num_samples_or_methods(tiny_bert, data_dir, tmp_path,
     assert (out / "sweep.json").read_text() == before
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_resume_after_the_data_changed(ray_session, tiny_bert, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     fake_sweep(out, tiny_bert, data_dir, data_hash="0" * 64)
@@ -283,6 +290,7 @@ def sweep_fails_cleanly(capsys, tmp_path, argv, line):
     nothing_left(tmp_path, out)
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_metric_typo_lists_the_valid_names(ray_session, tiny_bert, data_dir, tmp_path, capsys):
     path = write_spec(tmp_path, tiny_bert, metric="acuracy")
     sweep_fails_cleanly(capsys, tmp_path, [path, "--data-dir", data_dir],
@@ -331,6 +339,7 @@ def test_lora_target_modules_the_model_lacks(tiny_bert, data_dir, tmp_path, caps
                           "targeted for adaptation."), err
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_resources_no_node_can_meet(ray_session, tiny_bert, data_dir, tmp_path, capsys):
     import ray
 
@@ -476,7 +485,9 @@ def test_export_writes_a_model_logged_by_mlflow(tiny_bert, tmp_path, capsys):
     uri, client = registry(tmp_path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tiny_bert))
     tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
-    with _tracking(uri):
+    # its own experiment with artifacts under tmp_path: the default one's would go to ./mlruns
+    exp_id = client.create_experiment("logged", artifact_location=(tmp_path / "artifacts").as_uri())
+    with _tracking(uri), mlflow.start_run(experiment_id=exp_id):
         info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok},
                                              task="text-classification", name="m",
                                              pip_requirements=["transformers", "torch"])

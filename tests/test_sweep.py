@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import guards
 from sweeps import check_tree, client_for, runs_by_role, spec_file
 
 pytestmark = pytest.mark.slow
@@ -54,10 +55,10 @@ def test_multi_task_sweep_tree_state_and_checkpoints(tiny_sweep):
         assert not (d / "progress.csv").exists(), d
     assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ  # scoped to the sweep's fit
     with_optimizer = {p.parent for p in (out / "ray" / "sweep").rglob("optimizer.pt")}
-    assert {Path(a.best.checkpoint) for a in state.arms.values()} == {Path(p).parent if p.name != p.parent.name
-                                                                        else p for p in with_optimizer} or \
-        all(any(str(p).startswith(a.best.checkpoint) for a in state.arms.values()) for p in with_optimizer)
-    assert len(with_optimizer) == len(state.arms)
+    bests = {Path(a.best.checkpoint) for a in state.arms.values()}
+    owners = [{b for b in bests if b == d or b in d.parents} for d in with_optimizer]
+    assert all(len(o) == 1 for o in owners), owners  # every optimizer state lies in one arm's best...
+    assert set().union(*owners) == bests and len(with_optimizer) == len(state.arms)  # ...and each best has one
     assert state.disk_bytes and state.disk_bytes > 0
 
 
@@ -115,7 +116,7 @@ run_sweep(sweeps.spec_file(Path({root!r}), {model!r}, name="mix", num_samples=2,
 def test_arms_run_at_the_same_time_on_six_slots(tiny_bert, data_dir, tmp_path):
     """On a local Ray with 6 CPU slots, trials of different arms overlap in time."""
     out = tmp_path / "out"
-    code = INTERLEAVE.format(tests=str(ROOT / "tests"), tmp=tempfile.mkdtemp(prefix="r", dir="/tmp"),
+    code = INTERLEAVE.format(tests=str(ROOT / "tests"), tmp=guards.short_dir(),
                              root=str(tmp_path), model=str(tiny_bert), out=str(out), data=str(data_dir))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
@@ -206,7 +207,7 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
                      params={"common": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
                                         "num_train_epochs": 4, "per_device_train_batch_size": 16}})
     out = tmp_path / "sweep"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
            "--output-dir", str(out), "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -276,7 +277,7 @@ def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path
 def test_a_second_driver_on_the_same_folder_exits_2(tiny_bert, data_dir, tmp_path):
     spec = spec_file(tmp_path, tiny_bert, name="lock", methods=["dlb"], num_samples=2, grace_period=2)
     out = tmp_path / "sweep"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
     first = subprocess.Popen([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir",
                               str(data_dir), "--output-dir", str(out), "--no-progress"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -307,7 +308,7 @@ def test_a_password_in_the_tracking_uri_is_stored_printed_and_logged_nowhere(mlf
     uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
     spec = spec_file(tmp_path, tiny_bert, name="secret", methods=["dlb"], num_samples=1, grace_period=2)
     out = tmp_path / "sweep"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
                            "--output-dir", str(out), "--tracking-uri", uri], capture_output=True, text=True,
                           timeout=600, env=env)

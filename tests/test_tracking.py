@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 import helpers
 from tune_dynsdpb import results as R
 from tune_dynsdpb.errors import UserError
-from tune_dynsdpb.tracking import (KIND_TRAINING, TAG_KIND, SweepTracker, check_tracking_uri,
-                                   default_artifact_location, default_tracking_uri, redact_uri, use_tracking_uri)
+from tune_dynsdpb.tracking import (ATTEMPT, KIND_TRAINING, TAG_ATTEMPTS, TAG_KIND, SweepTracker, _Writer,
+                                   check_tracking_uri, default_artifact_location, default_tracking_uri, metrics_of,
+                                   redact_uri, use_tracking_uri)
 
 ROLE, PARENT, TASK, ARM = "tune_dynsdpb.role", "mlflow.parentRunId", "tune_dynsdpb.task", "tune_dynsdpb.arm"
 
@@ -147,6 +148,7 @@ class FakeTrial:
         self.trial_id, self.config, self.last_result = trial_id, config, last_result or {}
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_writer_survives_a_briefly_unreachable_server(mlflow_server, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # let the writer's own retries do the work
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -170,7 +172,8 @@ def test_writer_survives_a_briefly_unreachable_server(mlflow_server, monkeypatch
             assert time.time() - t0 < 0.5
         trial.last_result = {R.FINAL: True, R.STEP: 7}
         cb.on_trial_complete(0, [trial], trial)
-        time.sleep(2.0)
+        helpers.wait_for(lambda: any("MLflow write failed" in r.getMessage() for r in caplog.records), 60,
+                         "the writer to meet the outage")
         assert not cb.flush(timeout=0.1)  # still waiting for the server
         plug.push()
         assert cb.flush(timeout=120)
@@ -212,11 +215,55 @@ def test_resume_reuses_runs(tmp_path):
     assert len(t2.trial_runs()) == 1
     assert r.info.status == "FINISHED" and r.info.run_name == "rte · dlb · trial 1"
     assert r.data.params["nested.lr"] == "0.1" and "obj" not in r.data.params
-    hist = sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(r.info.run_id, "eval_accuracy"))
-    assert hist == [(3, 0.5), (6, 0.8)]  # a step already logged is not logged twice
+    c = MlflowClient(uri)
+    hist = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, "eval_accuracy"))
+    assert hist == [(3, 0.5), (3, 0.7), (6, 0.8)]  # step 3 ran again: logged again, never dropped
+    attempts = sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, ATTEMPT))
+    assert attempts == [(3, 1.0), (3, 2.0), (6, 2.0)] and r.data.tags[TAG_ATTEMPTS] == "2"
     c = MlflowClient(uri)
     assert c.get_run(parent).info.status == "RUNNING" and c.get_run(parent).data.params["b"] == "2"
     assert len(c.search_runs([t2.experiment_id])) == 4  # sweep, task, arm, trial
+
+
+def _history(client, run_id, key):
+    """(step, value) in the order logged (MLflow keeps each batch's order within a timestamp)."""
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one report per write", "reports merged in one batch"])
+def test_a_repeated_step_is_logged_as_a_new_attempt_never_dropped(tmp_path, caplog, batched):
+    """Trial A continues from its checkpoint after a retry (steps 2, 4 | 6, 8): one attempt, every
+    step once. Trial B restarts from step 0 (2, 4 | 2, 4, 6, 8): both runs of steps 2 and 4 are
+    logged, each report carries its attempt, the run is tagged with 2 attempts, and a warning says
+    so. ``batched``: every report is queued before the writer thread starts, so they reach MLflow
+    merged into one ``log_batch`` per run, and the restart must be seen inside the batch."""
+    uri = default_tracking_uri(tmp_path)
+    tracker = SweepTracker(uri, "attempts", "att1")
+    tracker.start_sweep({})
+    group = ("rte", "dynsdpb")
+    writer = _Writer(uri, tracker.experiment_id, "att1", {group: tracker.arm_run(*group)}, start=not batched)
+    caplog.set_level(logging.WARNING, logger="tune_dynsdpb.tracking")
+    reported = {"A": [2, 4, 6, 8], "B": [2, 4, 2, 4, 6, 8]}
+    for trial, steps in reported.items():
+        writer.put(("start", trial, group, {"x": "1"}))
+        for i, step in enumerate(steps):
+            _, metrics = metrics_of({R.STEP: step, "eval_loss": 10.0 * i + step}, 1_000_000 + i)
+            writer.put(("metrics", (trial, group), metrics, step))
+    if batched:
+        writer.thread.start()
+    assert writer.flush(60)
+    c = MlflowClient(uri)
+    runs = {r.data.tags["ray.trial_id"]: r for r in tracker.trial_runs()}
+    a, b = runs["A"], runs["B"]
+    assert _history(c, a.info.run_id, "eval_loss") == [(2, 2.0), (4, 14.0), (6, 26.0), (8, 38.0)]
+    assert [v for _, v in _history(c, a.info.run_id, ATTEMPT)] == [1.0] * 4 and TAG_ATTEMPTS not in a.data.tags
+    assert _history(c, b.info.run_id, "eval_loss") == [(2, 2.0), (4, 14.0), (2, 22.0), (4, 34.0), (6, 46.0),
+                                                       (8, 58.0)]
+    assert _history(c, b.info.run_id, ATTEMPT) == [(2, 1.0), (4, 1.0), (2, 2.0), (4, 2.0), (6, 2.0), (8, 2.0)]
+    assert b.data.tags[TAG_ATTEMPTS] == "2"
+    (warning,) = [r.getMessage() for r in caplog.records if "again" in r.getMessage()]
+    assert warning == ("trial B reports step 2 again (it had reached step 4): it restarted from an earlier point; "
+                       "logging its steps again as attempt 2")
 
 
 # -- a real sweep ----------------------------------------------------------------------------------
@@ -264,6 +311,7 @@ def trial_runs(uri, name):
     return c.search_runs([exp.experiment_id], "tags.`tune_dynsdpb.role` = 'trial'", max_results=1000)
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_real_sweep_run_tree(real_sweep):
     state, uri, _ = real_sweep
     c = MlflowClient(uri)
@@ -318,6 +366,7 @@ def check_statuses_follow_classify(state, uri, name, experiment) -> dict:
     return seen
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_real_sweep_statuses_follow_classify(real_sweep):
     seen = check_statuses_follow_classify(*real_sweep[:2], "trk", real_sweep[2])
     # rte's second vanilla trial (lr 0.1) loses to the first (lr 1e-6) at the first rung: ASHA stops it
@@ -330,6 +379,7 @@ def test_real_sweep_statuses_follow_classify(real_sweep):
     assert state.arms["rte/vanilla"].best.config["learning_rate"] == 1e-6
 
 
+@pytest.mark.slow  # starts Ray or a server
 def test_real_sweep_diverging_trial_is_failed_and_never_best(ray_session, tiny_bert, data_dir, tmp_path_factory):
     """dlb's first trial has a learning rate of 1e6: it really diverges (non-finite loss)."""
     state, uri, experiment = sweep(tmp_path_factory, tiny_bert, data_dir, "div", tasks=1, methods=["dlb"],

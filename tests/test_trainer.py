@@ -110,6 +110,32 @@ def test_zero_rates_give_dlb_losses(tiny_bert, tmp_path):
     assert runs["dlb"] == runs["dynsdpb"]
 
 
+def test_dynsdpb_at_nonzero_rates_differs_from_dlb(tiny_bert, tmp_path):
+    """The same seed, batches and start, default rates (lambda_alpha=1, lambda_tau=0.5): step 1 (no
+    term yet) is identical, then dynsdpb's per-sample alpha/tau, its consistency term, its loss and
+    its weights part from dlb's. A dynsdpb that silently trains as dlb (both rates 0) fails here."""
+    runs = {}
+    for method in ("dlb", "dynsdpb"):
+        trainer, rec = build("classification", tiny_bert, tmp_path / method, method, steps=4)
+        trainer.train()
+        runs[method] = rec.logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    (dlb, dlb_weights), (dyn, dyn_weights) = runs["dlb"], runs["dynsdpb"]
+    assert [log["step"] for log in dlb] == [log["step"] for log in dyn] == [1, 2, 3, 4]
+    assert dyn[0]["loss"] == dlb[0]["loss"]  # step 1: same model, same batch, no term for either
+    # step 2 distils from the same previous logits: u and c agree, only the rates make the difference
+    assert dyn[1]["u_mean"] == pytest.approx(dlb[1]["u_mean"], rel=1e-6)
+    assert dyn[1]["c_mean"] == pytest.approx(dlb[1]["c_mean"], rel=1e-6)
+    for d, s in zip(dlb[1:], dyn[1:]):
+        assert d["alpha_min"] == d["alpha_max"] == 1.0 and d["tau_min"] == d["tau_max"] == pytest.approx(3.0)
+        # alpha = alpha0 * c^1 with c < 1 for every sample, not one value for all
+        assert s["alpha_max"] < 1.0 and s["alpha_min"] < s["alpha_max"] and s["alpha_mean"] < 1.0 - 1e-3
+        # tau = tau0 * (1 + 0.5 u) with u > 0: above tau0, and per sample
+        assert s["tau_min"] > 3.0 and s["tau_min"] < s["tau_max"]
+        assert abs(s["consistency_loss"] - d["consistency_loss"]) > 1e-6 * max(d["consistency_loss"], 1e-9)
+        assert s["loss"] != d["loss"]
+    assert any(not torch.equal(dlb_weights[k], dyn_weights[k]) for k in dlb_weights), "same weights as dlb"
+
+
 def spy_ids(trainer):
     """Records the sample ids of every training micro-batch, in order."""
     seen, original = [], trainer.compute_loss
@@ -352,7 +378,8 @@ def test_the_last_report_carries_the_last_steps_training_stats(tiny_bert, data_d
     spec = load_search_space(spec_file(tmp_path, tiny_bert, name="last", methods=["dynsdpb"],
                                        budget={"evals_per_epoch": 3}))
     (prepared,) = prepare_tasks(spec, str(tiny_bert), tmp_path / "cache", "spec", data_dir=str(data_dir)).values()
-    reports = []
+    reports, rec = [], Recorder()
+    prepared.job.callbacks.append(rec)  # the trainer's own training logs, beside the reports
     config = {"task": "rte", "method": "dynsdpb", "learning_rate": 1e-3, "num_train_epochs": 1,
               "per_device_train_batch_size": 16, "lr_scheduler_type": "linear"}
     fit(config, prepared.job, prepared.train, prepared.eval, lambda m, ckpt: reports.append(m), None,
@@ -360,4 +387,9 @@ def test_the_last_report_carries_the_last_steps_training_stats(tiny_bert, data_d
     assert [r["step"] for r in reports] == [3, 6, 8] and reports[-1]["final"]
     lrs = [r["learning_rate"] for r in reports]
     assert lrs == pytest.approx([1e-3 * 6 / 8, 1e-3 * 3 / 8, 1e-3 / 8]), lrs  # linear decay, as of steps 3, 6, 8
-    assert reports[-1]["alpha_mean"] != reports[-2]["alpha_mean"] or reports[-1]["u_mean"] != reports[-2]["u_mean"]
+    logs = {log["step"]: log for log in rec.logs}
+    assert sorted(logs) == [3, 6, 8]
+    for r in reports:  # each report holds its own step's training statistics
+        for key in ("loss", "ce_loss", "consistency_loss", "alpha_mean", "tau_mean", "u_mean", "c_mean"):
+            assert r[key] == logs[r["step"]][key], (r["step"], key)
+    assert reports[-1]["u_mean"] != reports[-2]["u_mean"]  # (so step 6's would not pass as step 8's)

@@ -19,7 +19,15 @@ not take concurrent writers well, and one writer (the driver) keeps the store co
 The trial callback never writes in Tune's event loop: it queues each write for one background
 thread (:class:`_Writer`), which batches metrics with ``log_batch`` and retries a store that is
 slow or briefly unreachable with backoff, in order, losing nothing; the sweep waits for the queue
-to drain at its end. Trial outcomes follow :func:`tune_dynsdpb.results.classify`: FINISHED,
+to drain at its end.
+
+A repeated step is never hidden. A trial that reports a step at or below one it already logged
+has run again from an earlier point (a retry that restarted from an older checkpoint, or from
+step 0; a restored driver whose trial re-runs steps Tune had not saved). The writer logs those
+steps again, as a new *attempt*: every report carries the metric ``attempt`` (1, 2, ...) at its
+step, the run gets the tag ``tune_dynsdpb.attempts`` (how many), and a warning names the trial
+and the steps. A retry that continues from its checkpoint reports only later steps and stays
+attempt 1, so a run whose ``step`` history holds a step twice restarted, and says so. Trial outcomes follow :func:`tune_dynsdpb.results.classify`: FINISHED,
 KILLED (stopped by the scheduler, tag ``tune_dynsdpb.stopped_by``) or FAILED (tag
 ``tune_dynsdpb.failure`` or ``tune_dynsdpb.error``). Credentials never reach a record: URIs are
 stored redacted (:func:`redact_uri`), and secrets go to MLflow through its own environment
@@ -58,6 +66,8 @@ TAG_FAILURE = "tune_dynsdpb.failure"
 TAG_STOPPED_BY = "tune_dynsdpb.stopped_by"
 TAG_RETRIES = "tune_dynsdpb.retries"
 TAG_ERROR = "tune_dynsdpb.error"
+TAG_ATTEMPTS = "tune_dynsdpb.attempts"  # set once a trial re-reports a step: it restarted (see the module doc)
+ATTEMPT = "attempt"  # metric logged with every report: which attempt of the trial it belongs to
 TAG_KIND = "mlflow.experimentKind"
 KIND_TRAINING = "custom_model_development"  # MLflow 3.x UIs without the GenAI/Model-training switch
 # open such an experiment on its training runs; from 3.1x on the sidebar's switch (or the URL's
@@ -462,19 +472,23 @@ class SweepTracker:
 class _Writer:
     """The driver's one MLflow writer: a FIFO of writes done by a background thread, in order.
 
-    Consecutive metric writes of one run go out as one ``log_batch`` (up to 1000 metrics); a
-    write that fails is retried with backoff until it succeeds, so a slow or briefly unreachable
-    server delays logging but loses nothing and never holds Tune's loop."""
+    Consecutive metric writes of one run go out as one ``log_batch`` (up to 1000 metrics), each
+    report kept with its own step; a write that fails is retried with backoff until it succeeds,
+    so a slow or briefly unreachable server delays logging but loses nothing and never holds
+    Tune's loop. A report at a step the run already logged starts a new attempt (module doc): it
+    is logged, never dropped. ``start=False`` leaves the thread to be started by the caller."""
 
-    def __init__(self, uri: str, experiment_id: str, sweep_id: str, arm_runs: dict):
+    def __init__(self, uri: str, experiment_id: str, sweep_id: str, arm_runs: dict, start: bool = True):
         self.client = MlflowClient(uri)
         self.exp_id, self.sweep_id, self.arm_runs = experiment_id, sweep_id, arm_runs
         self.queue: queue.Queue = queue.Queue()
         self.runs: dict[str, str] = {}       # trial id -> run id
-        self.last_step: dict[str, int] = {}  # trial id -> last step logged (a restored trial re-reports)
+        self.last_step: dict[str, int] = {}  # trial id -> step of its last report logged
+        self.attempts: dict[str, int] = {}   # trial id -> its current attempt (1 + restarts seen)
         self.names: dict[tuple, int] = {}    # group -> trial runs named so far
         self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def put(self, op: tuple) -> None:
         self.queue.put(op)
@@ -488,14 +502,15 @@ class _Writer:
         pending: list[tuple] = []
         while True:
             op = pending.pop(0) if pending else self.queue.get()
-            if op[0] == "metrics":  # gather what else is queued for the same run
-                while len(op[2]) < 1000:
+            if op[0] == "metrics":  # gather what else is queued for the same run, report by report
+                op = ("metrics", op[1], [(op[3], op[2])])
+                while sum(len(m) for _, m in op[2]) < 1000:
                     try:
                         nxt = self.queue.get_nowait()
                     except queue.Empty:
                         break
                     if nxt[0] == "metrics" and nxt[1] == op[1]:
-                        op = ("metrics", op[1], op[2] + nxt[2], max(op[3], nxt[3]))
+                        op[2].append((nxt[3], nxt[2]))
                     else:
                         pending.append(nxt)
                         break
@@ -515,9 +530,13 @@ class _Writer:
                      TAG_TRIAL: trial_id}
             found = self.client.search_runs([self.exp_id], ident_filter(ident), max_results=1)
             if found:
-                run_id = found[0].info.run_id
-                step = found[0].data.metrics.get(R.STEP)
-                self.last_step[trial_id] = int(step) if step is not None else -1
+                run_id = found[0].info.run_id  # logged before (a restored driver): carry on from its history
+                # (MLflow's latest value is the one at the highest step, not the last one logged)
+                steps = self.client.get_metric_history(run_id, R.STEP)
+                attempts = self.client.get_metric_history(run_id, ATTEMPT)
+                last = max(steps, key=lambda m: (m.timestamp, m.step)) if steps else None
+                self.last_step[trial_id] = int(last.value) if last is not None else -1
+                self.attempts[trial_id] = int(max(m.value for m in attempts)) if attempts else 1
             else:
                 n = self.names.get(group)
                 if n is None:
@@ -527,6 +546,7 @@ class _Writer:
                 run_id = self.client.create_run(self.exp_id, run_name=f"{group[0]} · {group[1]} · trial {n + 1}",
                                                 tags={**ident, TAG_PARENT: self.arm_runs[group]}).info.run_id
                 self.last_step[trial_id] = -1
+                self.attempts[trial_id] = 1
             self.runs[trial_id] = run_id
         return self.runs[trial_id]
 
@@ -539,13 +559,22 @@ class _Writer:
             run_id = self._run(trial_id, group)
             _reopen(self.client, run_id)
             _log_params(self.client, run_id, params)
-        elif kind == "metrics":
-            _, (trial_id, group), metrics, step = op
+        elif kind == "metrics":  # ("metrics", (trial id, group), [(step, metrics), ...]) from _loop
+            _, (trial_id, group), reports = op
             run_id = self._run(trial_id, group)
-            fresh = [m for m in metrics if m.step > self.last_step[trial_id]]
-            for i in range(0, len(fresh), 1000):
-                self.client.log_batch(run_id, metrics=fresh[i:i + 1000])
-            self.last_step[trial_id] = max(self.last_step[trial_id], step)
+            last, attempt, out = self.last_step[trial_id], self.attempts[trial_id], []
+            for step, metrics in reports:
+                if step <= last:  # it runs again from an earlier point: log it as a new attempt
+                    attempt += 1
+                    log.warning("trial %s reports step %d again (it had reached step %d): it restarted from an "
+                                "earlier point; logging its steps again as attempt %d", trial_id, step, last, attempt)
+                stamp = metrics[0].timestamp if metrics else int(time.time() * 1000)
+                out += [*metrics, Metric(ATTEMPT, float(attempt), stamp, step)]
+                last = step
+            tags = [RunTag(TAG_ATTEMPTS, str(attempt))] if attempt != self.attempts[trial_id] else []
+            for i in range(0, len(out), 1000):
+                self.client.log_batch(run_id, metrics=out[i:i + 1000], tags=tags if i == 0 else [])
+            self.last_step[trial_id], self.attempts[trial_id] = last, attempt
         elif kind == "tags":
             _, trial_id, group, tags = op
             self.client.log_batch(self._run(trial_id, group), tags=[RunTag(k, v[:_MAX_TAG]) for k, v in tags.items()])
