@@ -88,19 +88,18 @@ def test_ranges_that_cannot_hit_both_zero_pass():
                        "f.yaml")
 
 
-def test_the_cli_sweep_refuses_a_duplicating_file_with_exit_2(tmp_path):
-    import subprocess
-    import sys
-
+def test_the_cli_sweep_refuses_a_duplicating_file_with_exit_2(tmp_path, capsys):
     import yaml
+
+    from tune_dynsdpb.cli import main
 
     f = tmp_path / "dup.yaml"
     f.write_text(yaml.safe_dump({**BASE, "params": {"dlb_warmup": {"distill_warmup": {"low": 0.0, "high": 0.5}}}}))
-    r = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(f), "--output-dir",
-                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = [x for x in r.stderr.strip().splitlines() if x]
-    assert lines[-1].endswith("params.dlb_warmup.distill_warmup: distill_warmup must be in (0, 1) (got 0.0)"), r.stderr
+    code = main(["sweep", str(f), "--output-dir", str(tmp_path / "out")])  # refused before Ray starts
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [x for x in err.strip().splitlines() if x]
+    assert lines[-1].endswith("params.dlb_warmup.distill_warmup: distill_warmup must be in (0, 1) (got 0.0)"), err
     assert not (tmp_path / "out").exists()
 
 

@@ -53,18 +53,17 @@ def test_bad_pbt_input_is_one_line():
     assert "pbt" not in parse_search_space(d, "f.yaml").methods
 
 
-def test_the_cli_sweep_refuses_bad_pbt_input_with_exit_2(tmp_path):
-    import subprocess
-    import sys
-
+def test_the_cli_sweep_refuses_bad_pbt_input_with_exit_2(tmp_path, capsys):
     import yaml
+
+    from tune_dynsdpb.cli import main
 
     f = tmp_path / "bad.yaml"
     f.write_text(yaml.safe_dump(raw(num_samples=1)))
-    r = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(f), "--output-dir",
-                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
-        "budget.num_samples: the pbt arm needs a population of at least 2 trials (got 1)"), r.stderr
+    code = main(["sweep", str(f), "--output-dir", str(tmp_path / "out")])  # refused before Ray starts
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
+        "budget.num_samples: the pbt arm needs a population of at least 2 trials (got 1)"), err
     assert not (tmp_path / "out").exists()
 
 
