@@ -123,8 +123,7 @@ def start_sweep(c: Cluster, tmp: Path, spec: Path | None, name: str, out: Path, 
     cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", *([str(spec)] if spec else []), "--data-dir",
            str(data_dir), "--ray-address", c.address, "--storage-path", f"s3://{c.bucket}/{name}",
            "--tracking-uri", c.uri, "--output-dir", str(out), "--no-progress", *extra]
-    env = {**c.env, **c.exports}
-    env.pop("LOCAL_CLUSTER_DIR", None)
+    env = c_env(c)
     log = open(tmp / f"{name}-{len(list(tmp.glob('*.log')))}.log", "w")
     # its own process group: the driver fault kills it, and everything it forked, at once
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log.name
@@ -302,11 +301,11 @@ def test_the_object_store_frozen_for_20_s_mid_sweep(cluster, sweep_spec, data_di
            **got)
 
 
-@pytest.mark.xfail(strict=True, reason="needs resume from storage path")
 def test_the_driver_killed_and_its_folder_deleted_resumes_from_storage(cluster, sweep_spec, data_dir, tmp_path):
     """Once a checkpoint is in S3, the driver's process group gets SIGKILL and its output folder is
     deleted; `sweep --resume --storage-path URI --output-dir NEW` finishes the budget from S3 and
-    MLflow alone."""
+    MLflow alone; then `compare NEW`, `export NEW`, `export --model models:/NAME@champion --out DIR`
+    and `transformers.pipeline(DIR)` work on the cluster (the whole flow, on S3 and the server)."""
     name = "lc-driver"
     proc, log = start_sweep(cluster, tmp_path, sweep_spec(name), name, tmp_path / "out", data_dir)
     t0 = time.time()
@@ -319,3 +318,24 @@ def test_the_driver_killed_and_its_folder_deleted_resumes_from_storage(cluster, 
     got = check_sweep(cluster, name)
     report("driver SIGKILL + folder deleted, resumed from S3", killed_after_s=round(killed_at - t0, 1),
            sweep_s=round(time.time() - t0, 1), **got)
+
+    env = c_env(cluster)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", *map(str, a)], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    compared = run("compare", tmp_path / "new", "--seeds", "1", "--ray-address", cluster.address)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert (tmp_path / "new" / "report-epochs" / "report.html").is_file()
+    exported = run("export", tmp_path / "new", "--name", name)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    written = run("export", "--model", f"models:/{name}@champion", "--out", tmp_path / "model")
+    assert written.returncode == 0, written.stderr[-3000:]
+    from transformers import pipeline
+
+    assert pipeline("text-classification", model=str(tmp_path / "model"))("a test")[0]["label"]
+
+
+def c_env(c: Cluster) -> dict:
+    """The environment `local-cluster.sh up` told the user to export."""
+    env = {**c.env, **c.exports}
+    env.pop("LOCAL_CLUSTER_DIR", None)
+    return env

@@ -32,6 +32,33 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCESS, SECRET, BUCKET = "tdsTESTKEY", "tdsTESTSECRET", "tds-test"
 
 
+# -- the driver's lease on a storage path (fast: refused before Ray starts) --------------------------
+def test_a_second_driver_on_a_leased_storage_path_exits_2_and_a_stale_lease_is_taken_over(tmp_path, capsys):
+    from tune_dynsdpb.cli import main
+    from tune_dynsdpb.state import LEASE_FILE, LEASE_TTL_S, hold_lease
+
+    where = tmp_path / "storage"
+    where.mkdir()
+    lease = where / LEASE_FILE
+    lease.write_text(json.dumps({"host": "other-machine", "pid": 4242, "heartbeat": time.time()}))
+    spec = spec_file(tmp_path, tmp_path / "model", name="leased", methods=["dlb"], num_samples=1)
+    code = main(["sweep", str(spec), "--storage-path", str(where), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    import re
+
+    assert code == 2 and len(err) == 1 and re.fullmatch(
+        re.escape(f"tune-dynsdpb: error: --storage-path: {where} is in use by the tune-dynsdpb driver on "
+                  "other-machine (pid 4242, heartbeat ") + r"\d+" + re.escape(
+            f" s ago); a driver silent for {LEASE_TTL_S:.0f} s is taken over"), err[0]), err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    assert json.loads(lease.read_text())["host"] == "other-machine"  # the other driver's lease untouched
+
+    lease.write_text(json.dumps({"host": "other-machine", "pid": 4242, "heartbeat": time.time() - LEASE_TTL_S - 1}))
+    with hold_lease(str(where)):  # silent for longer than the TTL: taken over
+        assert json.loads(lease.read_text())["pid"] == os.getpid()
+    assert not lease.exists()  # given back at the end
+
+
 # -- the storage module on a local folder (fast) ---------------------------------------------------
 def test_storage_functions_on_a_local_folder(tmp_path):
     root = str(tmp_path / "store")
@@ -368,9 +395,22 @@ def test_a_sweep_resumed_from_the_storage_path_alone_then_compared_through_a_fai
         refused = cli("compare", new, "--seeds", "1", env=env)  # everything is up: the report is done
         assert refused.returncode == 2 and "already exists" in refused.stderr
 
-        assert main(["export", str(new), "--name", "moved", "--tracking-uri", url]) == 0
         from mlflow import MlflowClient
 
+        # export NEW while the artifact store fails: one line, exit 1, nothing registered, the sweep untouched
+        art.rename(art.with_name("art.away"))
+        art.write_text("not a folder")
+        failed = cli("export", new, "--name", "moved", "--tracking-uri", url, env=env)
+        lines = failed.stderr.strip().splitlines()
+        assert failed.returncode == 1 and len(lines) == 1, failed.stderr[-3000:]
+        assert lines[0].startswith("tune-dynsdpb: error: MLflow artifact store of ") and \
+            "nothing was registered: run the same command again" in lines[0], lines[0]
+        assert not MlflowClient(url, registry_uri=url).search_model_versions("name = 'moved'")
+        assert all(storage.is_dir(a.best.checkpoint) for a in open_sweep(new).arms.values())
+        art.unlink()
+        art.with_name("art.away").rename(art)  # the store is back: the same command registers every arm
+
+        assert main(["export", str(new), "--name", "moved", "--tracking-uri", url]) == 0
         versions = MlflowClient(url, registry_uri=url).search_model_versions("name = 'moved'")
         assert {v.tags["tune_dynsdpb.arm"] for v in versions} == {"dlb", "dynsdpb"}
     finally:
