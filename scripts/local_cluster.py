@@ -472,6 +472,11 @@ def cmd_down(args) -> int:
     st["services"] = {}
     save(d, st)
     shutil.rmtree(st["sockets"], ignore_errors=True)
+    # weed puts a unix socket per gRPC service into /tmp (not $TMPDIR), and SIGKILL leaves them behind
+    ports = {st["ports"][k] for k in ("s3", "weed_master", "weed_volume", "weed_filer") if k in st.get("ports", {})}
+    for port in ports | {p + 10000 for p in ports}:
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            sock.unlink(missing_ok=True)
     if args.purge:
         shutil.rmtree(d, ignore_errors=True)
     return 0

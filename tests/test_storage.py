@@ -162,6 +162,14 @@ def seaweedfs(tmp_path_factory):
             time.sleep(0.5)
     yield {"endpoint": endpoint, "client": client}
     kill_group(proc)
+    remove_weed_sockets(ports)
+
+
+def remove_weed_sockets(ports: list[int]) -> None:
+    """weed's unix sockets (one per gRPC service, always in /tmp), left behind by SIGKILL."""
+    for port in [*ports, *(p + 10000 for p in ports)]:
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            sock.unlink(missing_ok=True)
 
 
 def s3_env(endpoint: str, key: str = ACCESS, secret: str = SECRET) -> dict:
