@@ -38,9 +38,9 @@ import threading
 from pathlib import Path
 
 SYSTEM_TMP = Path(tempfile.gettempdir()).resolve()  # before session_env redirects it
-_SOCKET_ROOM = 44  # the longest Ray temp dir whose socket paths still fit in 107 bytes
+_SOCKET_ROOM = 37  # the longest Ray temp dir whose socket paths still fit in 107 bytes (plasma_store.N of a 2nd node)
 SNAPSHOT_SKIP = {".git", "__pycache__", ".pytest_cache", ".venv", ".mypy_cache", ".ruff_cache"}
-TMP_ALLOWED = ("pytest-of-*", "*.lock")  # pytest's own root (our basetemp lies in it); lock files
+TMP_ALLOWED = ("pytest-of-*", "pytest-ray-*", "*.lock")  # pytest's own root (our basetemp lies in it); lock files
 
 
 def session_env(basetemp: Path) -> dict[str, str]:
@@ -60,7 +60,7 @@ def ray_temp_dir(basetemp: Path | None = None) -> str:
     if _RAY_DIR is None:
         assert basetemp is not None, "session_env first"
         d = basetemp / "r"
-        if len(str(d)) + 10 > _SOCKET_ROOM:  # room for one short_dir() below it
+        if len(str(d)) + 5 > _SOCKET_ROOM:  # room for one short_dir() below it
             d = Path(tempfile.mkdtemp(prefix="pytest-ray-", dir=SYSTEM_TMP))
         d.mkdir(exist_ok=True)
         _RAY_DIR = d
@@ -70,7 +70,18 @@ def ray_temp_dir(basetemp: Path | None = None) -> str:
 def short_dir(prefix: str = "r") -> str:
     """A new folder for another Ray (a ``ray start`` head, a sweep subprocess's RAY_TMPDIR) under
     the session's short Ray temp dir: still short enough for its unix sockets."""
-    return tempfile.mkdtemp(prefix=prefix[:1], dir=ray_temp_dir())
+    global _SHORT
+    while True:
+        _SHORT += 1
+        d = Path(ray_temp_dir()) / f"{prefix[:1]}{_SHORT}"
+        try:
+            d.mkdir()
+            return str(d)
+        except FileExistsError:
+            continue
+
+
+_SHORT = 0
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import guards
 import helpers
 from sweeps import check_tree, client_for, runs_by_role, spec_file
 from tune_dynsdpb import storage
@@ -192,7 +193,7 @@ def keys(client, prefix: str) -> list[str]:
 
 
 def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    base = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"), "RAY_AUTH_MODE": "disabled",
+    base = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled",
             **(env or {})}
     return subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=base)
@@ -346,7 +347,7 @@ def test_a_sweep_resumed_from_the_storage_path_alone_then_compared_through_a_fai
         first = subprocess.Popen(
             [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
              "--output-dir", str(old), "--storage-path", uri, "--tracking-uri", url, "--no-progress"],
-            env={**os.environ, **env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r", dir="/tmp"),
+            env={**os.environ, **env, "RAY_TMPDIR": guards.short_dir(),
                  "RAY_AUTH_MODE": "disabled"},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:

@@ -23,6 +23,7 @@ the MLmodel file is read and checked before anything loads (see :func:`check_fla
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     aliases = {f"best-{m}": m for m in best} | {ALIAS_CHAMPION: winner}
     before: dict[str, str] = {}
     try:
-        with _tracking(uri):
+        with _tracking(uri), _no_progress_bars():
             if not existed:
                 existed = registry.create_model(name, task.name, {"tune_dynsdpb.pipeline_task": ptask})
             if existed:  # same task (checked above), or an empty model without the tag yet
@@ -334,9 +335,13 @@ def _no_progress_bars():
     saved, was = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"), hf_logging.is_progress_bar_enabled()
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     hf_logging.disable_progress_bar()
+    hub_notes = logging.getLogger("mlflow.transformers")  # "no model card / license on the hub": a local model
+    level = hub_notes.level
+    hub_notes.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        hub_notes.setLevel(level)
         if saved is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
         else:
