@@ -43,7 +43,6 @@ class Job:
     workers_per_trial: int = 1
     lora: dict | None = None
     training: dict = field(default_factory=dict)    # extra fixed TrainingArguments
-    callbacks: list = field(default_factory=list)   # extra TrainerCallbacks for every trial
 
     @property
     def distributed(self) -> bool:
@@ -131,8 +130,7 @@ def fit(config: dict, job: Job, train_dataset, eval_dataset, report: Callable[[d
     model, tokenizer = load_model(job.model_path, job.task, lora=job.lora, seed=args.seed)
     accumulation = int(job.training.get("gradient_accumulation_steps", 1))
     reporter = _TuneReporter(report, job, group, batch * accumulation * world_size)
-    trainer = create_trainer(job.task, model, tokenizer, train_dataset, eval_dataset, args,
-                             callbacks=[reporter, *job.callbacks])
+    trainer = create_trainer(job.task, model, tokenizer, train_dataset, eval_dataset, args, callbacks=[reporter])
     trainer.remove_callback(PrinterCallback)  # the reports carry the logs; nothing for a console
     try:
         trainer.train(resume_from_checkpoint=resume_from)

@@ -154,7 +154,7 @@ class PreparedTask:
 
 
 def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str, data_dir: str | None = None,
-                  callbacks: list | None = None, say=None) -> dict[str, PreparedTask]:
+                  say=None) -> dict[str, PreparedTask]:
     """Loads, checks and tokenizes every task of ``spec`` (``data_dir`` overrides the file's).
 
     Truncation is counted for every split, and handed to ``say`` (e.g. ``print``) as one line per
@@ -191,7 +191,7 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
         job = Job(model_path=model_path, task=task, metric=metric, mode=mode,
                   evals_per_epoch=spec.budget.evals_per_epoch, seed=spec.seed, cpus_per_trial=r.cpus_per_trial,
                   gpus_per_trial=r.gpus_per_trial, workers_per_trial=r.workers_per_trial, lora=lora,
-                  training=spec.training_kwargs(), callbacks=list(callbacks or []))
+                  training=spec.training_kwargs())
         baseline = None if task.kind == "causal_lm" else trivial_baseline(metric, task.eval["label"],
                                                                            task.compute_metrics)
         out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, fingerprint(task), baseline,
@@ -223,7 +223,7 @@ def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> No
         job = t.job
         if job.distributed:  # the DDP path runs in the trials only
             continue
-        pre = type(job)(**{**job.__dict__, "training": {**job.training, "max_steps": 2}, "callbacks": []})
+        pre = type(job)(**{**job.__dict__, "training": {**job.training, "max_steps": 2}})
         n = min(len(t.train), 2 * int(point["per_device_train_batch_size"]))
         with tempfile.TemporaryDirectory(prefix="dynsdpb-preflight-") as work:
             try:

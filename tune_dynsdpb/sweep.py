@@ -191,9 +191,8 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
               data_dir: str | None = None, methods: Sequence[str] | None = None, num_samples: int | None = None,
               overrides: Sequence[str] = (), ray_address: str | None = None, tracking_uri: str | None = None,
               storage_path: str | None = None, resume: bool = False, progress: bool = True, verbose: bool = False,
-              ray_temp_dir: str | None = None, trainer_callbacks: list | None = None) -> SweepState:
-    """Runs (or resumes) a sweep; returns its final state. ``trainer_callbacks`` go into every
-    trial's Trainer (extra ``TrainerCallback`` objects: logging, fault injection in tests)."""
+              ray_temp_dir: str | None = None) -> SweepState:
+    """Runs (or resumes) a sweep; returns its final state."""
     from .tracking import check_tracking_uri
 
     quiet_libraries(verbose)
@@ -205,7 +204,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
             check_tracking_uri(run.tracking_uri)
             init_ray(ray_address, ray_temp_dir, verbose=verbose)
             check_resources(run.spec, run.where)
-            tasks = prepare(run, data_dir, trainer_callbacks, progress)
+            tasks = prepare(run, data_dir, progress)
             if progress:
                 print_header(run.state, run.out)
             groups = order_groups(tasks, run.spec.methods)
@@ -218,14 +217,14 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
 
 
 # -- 2. what every trial shares -------------------------------------------------------------------
-def prepare(run: _Sweep, data_dir: str | None, callbacks: list | None, progress: bool) -> dict:
+def prepare(run: _Sweep, data_dir: str | None, progress: bool) -> dict:
     """Each task made ready; a new sweep's preflight and first state, or a resume's data check."""
     from .tracking import redact_uri
 
     spec, state = run.spec, run.state
     model_path = state.model_path if state else _model_path(spec.model)
     tasks = prepare_tasks(spec, model_path, run.out / "cache", run.where, data_dir=None if state else data_dir,
-                          callbacks=callbacks, say=print)
+                          say=print)
     if state is not None:
         for n, t in tasks.items():
             if t.data_hash != state.tasks[n].data_hash:
