@@ -259,13 +259,9 @@ def param_importances(trials_by_arm: dict[str, list[dict]], mode: str = "max",
                 params[k] = v
             study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
                                                       value=float(t["score"])))
-        try:
-            try:
-                evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-                imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
-            except ImportError:  # fANOVA needs scikit-learn
-                imp = optuna.importance.get_param_importances(
-                    study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+        try:  # (fANOVA needs scikit-learn: a dependency of the package)
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+            imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
             out[arm] = {k: float(v) for k, v in imp.items()}
         except Exception:  # e.g. params missing from some trials, or too few to fit
             out[arm] = {}
