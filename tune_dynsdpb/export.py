@@ -33,31 +33,6 @@ TAG_TASK = "tune_dynsdpb.task"
 ALIAS_CHAMPION = "champion"
 
 
-@contextlib.contextmanager
-def _tracking(uri: str | None):
-    """Points MLflow's fluent API (tracking and registry) at ``uri`` for the block, then puts back
-    what was there before, environment variables included (``set_*_uri`` export them)."""
-    import mlflow
-
-    if uri is None:
-        yield
-        return
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def pipeline_task(kind: str) -> str:
     """The transformers pipeline task of a task kind (regression heads are text-classification too)."""
     return "text-generation" if kind == "causal_lm" else "text-classification"
@@ -113,9 +88,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     """Registers each arm's best model as a version of ``name``; returns {arm: version, "champion": arm}.
     Each best checkpoint is read from the sweep's storage path (a local folder, or downloaded from a
     URI into a temporary folder)."""
-    import mlflow
     import transformers
-    from mlflow.models import infer_signature
 
     from . import storage
     from .data import load_task
@@ -147,8 +120,6 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     ptask = pipeline_task(task.kind)
     model_config = {"function_to_apply": "none"} if task.kind == "regression" else None
     example = input_example(task)
-    reqs = [f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
-            f"torch=={__import__('torch').__version__.split('+')[0]}"]
     run_id = registry.start_run(tracker.experiment_id, f"export-{name}",
                                 {TAG_SWEEP: state.sweep_id, TAG_ROLE: "export", TAG_PARENT: tracker.task_run(task_name)})
     created: list[str] = []
@@ -156,44 +127,40 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     aliases = {f"best-{m}": m for m in best} | {ALIAS_CHAMPION: winner}
     before: dict[str, str] = {}
     try:
-        with _tracking(uri):
-            if not existed:
-                existed = registry.create_model(name, task.name, {"tune_dynsdpb.pipeline_task": ptask})
-            if existed:  # same task (checked above), or an empty model without the tag yet
-                registry.tag_model(name, TAG_TASK, task.name)
-            before = registry.alias_versions(name, aliases)  # what to put back, read before any change
-            versions = {}
-            for m, b in best.items():
-                with storage.local_copy(b["checkpoint"], prefix="dynsdpb-export-") as folder:
-                    model, tokenizer = load_checkpoint(folder, task, state.model_path)
-                output = _predict(transformers.pipeline(ptask, model=model, tokenizer=tokenizer), example,
-                                  model_config)
-                try:
-                    with mlflow.start_run(run_id=run_id):
-                        info = mlflow.transformers.log_model(
-                            transformers_model={"model": model, "tokenizer": tokenizer}, task=ptask,
-                            name=f"model-{m}", signature=infer_signature(example, output), input_example=example,
-                            model_config=model_config, pip_requirements=reqs)
-                except Exception as e:  # noqa: BLE001 - the artifact store failed (HTTP 5xx, S3 down, ...)
-                    raise StoreError(f"MLflow artifact store of {redact_uri(uri)}: cannot upload model-{m} of "
-                                     f"{name!r}: {one_line(e)}; nothing was registered: run the same command "
-                                     "again") from None
-                logged.append(info.model_id)
-                config = replay_config(b) if b.get("config") else {}  # a pbt arm's: with its learned schedule
-                tags = {"tune_dynsdpb.sweep_id": state.sweep_id, "tune_dynsdpb.arm": m,
-                        "tune_dynsdpb.metric": b["metric"], "tune_dynsdpb.metric_value": repr(float(b["score"])),
-                        "tune_dynsdpb.seed": str(config.get("seed", spec.seed)), TAG_TASK: task.name,
-                        "tune_dynsdpb.data_source": str(task.source)[:5000],
-                        "tune_dynsdpb.trial_id": str(b.get("trial_id")),
-                        "tune_dynsdpb.trial_run_id": str(b.get("run_id")), "tune_dynsdpb.export_run_id": run_id,
-                        "tune_dynsdpb.config": _json(config)}
-                version = registry.create_version(name, info.model_uri, run_id, tags, info.model_id)
-                created.append(version)
-                versions[m] = version
-            # aliases only once every version exists: an alias never points at a half-made export;
-            # champion goes last, so a killed export leaves the old champion in place
-            for alias, m in aliases.items():
-                registry.set_alias(name, alias, versions[m])
+        if not existed:
+            existed = registry.create_model(name, task.name, {"tune_dynsdpb.pipeline_task": ptask})
+        if existed:  # same task (checked above), or an empty model without the tag yet
+            registry.tag_model(name, TAG_TASK, task.name)
+        before = registry.alias_versions(name, aliases)  # what to put back, read before any change
+        versions = {}
+        for m, b in best.items():
+            with storage.local_copy(b["checkpoint"], prefix="dynsdpb-export-") as folder:
+                model, tokenizer = load_checkpoint(folder, task, state.model_path)
+            output = _predict(transformers.pipeline(ptask, model=model, tokenizer=tokenizer), example,
+                              model_config)
+            try:
+                model_uri, model_id = registry.log_transformers_model(
+                    run_id, f"model-{m}", model, tokenizer, ptask, example, output, model_config)
+            except Exception as e:  # noqa: BLE001 - the artifact store failed (HTTP 5xx, S3 down, ...)
+                raise StoreError(f"MLflow artifact store of {redact_uri(uri)}: cannot upload model-{m} of "
+                                 f"{name!r}: {one_line(e)}; nothing was registered: run the same command "
+                                 "again") from None
+            logged.append(model_id)
+            config = replay_config(b) if b.get("config") else {}  # a pbt arm's: with its learned schedule
+            tags = {"tune_dynsdpb.sweep_id": state.sweep_id, "tune_dynsdpb.arm": m,
+                    "tune_dynsdpb.metric": b["metric"], "tune_dynsdpb.metric_value": repr(float(b["score"])),
+                    "tune_dynsdpb.seed": str(config.get("seed", spec.seed)), TAG_TASK: task.name,
+                    "tune_dynsdpb.data_source": str(task.source)[:5000],
+                    "tune_dynsdpb.trial_id": str(b.get("trial_id")),
+                    "tune_dynsdpb.trial_run_id": str(b.get("run_id")), "tune_dynsdpb.export_run_id": run_id,
+                    "tune_dynsdpb.config": _json(config)}
+            version = registry.create_version(name, model_uri, run_id, tags, model_id)
+            created.append(version)
+            versions[m] = version
+        # aliases only once every version exists: an alias never points at a half-made export;
+        # champion goes last, so a killed export leaves the old champion in place
+        for alias, m in aliases.items():
+            registry.set_alias(name, alias, versions[m])
     except BaseException:
         registry.rollback(name, created, before, existed)
         registry.discard(run_id, logged)
@@ -356,20 +323,14 @@ def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = No
     ``mlflow.transformers.load_model`` (which imports what the MLmodel file names) is not used."""
     import tempfile
 
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     from .files import staged_output
+    from .tracking import download_model
 
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out: {out} exists and is not empty")
     with tempfile.TemporaryDirectory(prefix="dynsdpb-export-") as tmp, _no_progress_bars():
-        with _tracking(tracking_uri):
-            try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-            except (MlflowException, OSError) as e:
-                raise UserError(f"--model: cannot load {model_uri}: {one_line(e)}") from None
+        local = download_model(model_uri, tmp, tracking_uri)
         model, parts = load_registered(local, model_uri)
         with staged_output(out, flag="--out") as staged:
             model.save_pretrained(staged)
