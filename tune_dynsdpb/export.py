@@ -23,11 +23,28 @@ the MLmodel file is read and checked before anything loads (see :func:`check_fla
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import transformers
+import yaml
+from transformers import (AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoModelForCausalLM,
+                          AutoModelForSequenceClassification, AutoTokenizer)
+from transformers.utils import logging as hf_logging
+
+from . import storage
+from .data import load_task
 from .errors import StoreError, UserError, one_line
+from .files import staged_output
+from .run import load_model
+from .searching import replay_config
+from .state import open_sweep
+from .tracking import (TAG_PARENT, TAG_ROLE, TAG_SWEEP, Registry, SweepTracker, check_tracking_uri, download_model,
+                       open_tracking_uri, redact_uri)
 
 TAG_TASK = "tune_dynsdpb.task"
 ALIAS_CHAMPION = "champion"
@@ -51,13 +68,9 @@ def input_example(task, n: int = 2) -> list:
 
 def load_checkpoint(path: str | Path, task, model_path: str):
     """(model, tokenizer) from a trial's HF Trainer checkpoint; LoRA adapters merged into the base."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     path = Path(path)
     if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        from .run import load_model
+        from peft import PeftModel  # an optional extra: only LoRA checkpoints need it
 
         base, tokenizer = load_model(model_path, task)
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
@@ -88,15 +101,6 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     """Registers each arm's best model as a version of ``name``; returns {arm: version, "champion": arm}.
     Each best checkpoint is read from the sweep's storage path (a local folder, or downloaded from a
     URI into a temporary folder)."""
-    import transformers
-
-    from . import storage
-    from .data import load_task
-    from .searching import replay_config
-    from .state import open_sweep
-    from .tracking import (TAG_PARENT, TAG_ROLE, TAG_SWEEP, Registry, SweepTracker, check_tracking_uri,
-                           open_tracking_uri, redact_uri)
-
     out = Path(sweep_dir).resolve()
     state = open_sweep(out)
     if not name or "'" in name or '"' in name:
@@ -171,8 +175,6 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
 
 def _predict(pipe, example: list, model_config: dict | None):
     """The pipeline's answer to the input example, in the shape MLflow's pyfunc returns it."""
-    import pandas as pd
-
     out = pipe(example, **(model_config or {}))
     if pipe.task == "text-generation":
         return [r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in out]
@@ -180,8 +182,6 @@ def _predict(pipe, example: list, model_config: dict | None):
 
 
 def _json(config: dict) -> str:
-    import json
-
     return json.dumps(config, sort_keys=True, default=str)[:5000]
 
 
@@ -196,8 +196,6 @@ _REFUSED_KEYS = {"local_base_model_path": "a base model outside the artifacts",
 def _transformers_class(name, uri: str, what: str, base: str | None = None):
     """The transformers class called ``name``, found by attribute look-up on the ``transformers``
     package only (nothing else is ever imported); a one-line UserError for anything else."""
-    import transformers
-
     refused = UserError(f"--model: {uri}: {what} class {name!r} is not in the transformers package; "
                         "refusing to load it")
     if not isinstance(name, str) or not name.isidentifier():
@@ -240,8 +238,6 @@ def check_flavor(mlmodel: dict, uri: str) -> dict:
 
 def _no_custom_code(folder: Path, uri: str) -> None:
     """Refuses a config that asks for code shipped with the model (``auto_map``)."""
-    import json
-
     for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
         f = folder / name
         if f.is_file():
@@ -257,10 +253,6 @@ def _no_custom_code(folder: Path, uri: str) -> None:
 def load_registered(local: Path, uri: str):
     """(model, {component: object}) from downloaded artifacts, after :func:`check_flavor`; every
     load goes through the Auto classes with ``trust_remote_code=False``."""
-    import yaml
-    from transformers import (AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
-
     try:
         mlmodel = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -296,8 +288,6 @@ def load_registered(local: Path, uri: str):
 @contextlib.contextmanager
 def _no_progress_bars():
     """No download/loading/writing bars on stderr for the block: an error stays the only line there."""
-    from transformers.utils import logging as hf_logging
-
     saved, was = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"), hf_logging.is_progress_bar_enabled()
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     hf_logging.disable_progress_bar()
@@ -321,11 +311,6 @@ def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = No
     class of the ``transformers`` package; no hub, adapter or outside base model; no ``auto_map``),
     and only then are the weights loaded, through the Auto classes with ``trust_remote_code=False``.
     ``mlflow.transformers.load_model`` (which imports what the MLmodel file names) is not used."""
-    import tempfile
-
-    from .files import staged_output
-    from .tracking import download_model
-
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out: {out} exists and is not empty")

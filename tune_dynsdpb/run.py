@@ -18,6 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DataCollatorForSeq2Seq, DataCollatorWithPadding, set_seed)
+from transformers.utils import logging as hf_logging
+
 from . import params
 from .data import Task, check_truncation, count_truncation, load_task, tokenize_task, truncation_summary
 from .errors import UserError
@@ -55,9 +59,6 @@ def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote
     ``seed`` seeds every RNG before the model is built. The Trainer seeds only after that, so a
     new head (and LoRA's A matrices) would otherwise start from whatever RNG state the process is
     in: in a reused Ray worker, from the trials it ran before."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              set_seed)
-
     path = resolve_model_path(model)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -94,7 +95,7 @@ def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote
 def apply_lora(model, task: Task, lora: dict):
     """Wraps ``model`` in a peft LoRA adapter: ``lora`` = {r, alpha, dropout, target_modules}."""
     try:
-        import peft
+        import peft  # an optional extra
     except ImportError:
         raise UserError("lora: needs the 'peft' package (pip install 'tune-dynsdpb[lora]')") from None
     cfg = peft.LoraConfig(task_type="CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS",
@@ -105,8 +106,6 @@ def apply_lora(model, task: Task, lora: dict):
 
 def create_data_collator(task: Task, tokenizer):
     """Dynamic padding; causal LMs also pad their labels with -100."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
-
     if task.kind == "causal_lm":
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     return DataCollatorWithPadding(tokenizer)
@@ -147,8 +146,6 @@ def fine_tune(output_dir: str | Path, *, task: str, model: str, method: str, val
     bad = params.check_values(values, method=method)
     if bad:
         raise UserError(f"{bad[0]}: {bad[1]}")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # weight loading/writing; the training bar stays
     batch = values["per_device_train_batch_size"]
     with staged_output(Path(output_dir)) as tmp:

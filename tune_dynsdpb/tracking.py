@@ -49,9 +49,13 @@ import urllib.parse
 from pathlib import Path
 
 import mlflow
+import mlflow.transformers
+import torch
+import transformers
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from ray.tune import Callback
 
 from . import results as R
@@ -746,11 +750,6 @@ class Registry:
         transformers pipeline ``task`` called ``name`` in run ``run_id``; returns (model URI, model
         id). ``example`` and the pipeline's ``output`` for it make the signature and the input
         example; the requirements pin this environment's mlflow, transformers and torch."""
-        import mlflow.transformers  # (imports transformers: only export needs it)
-        import torch
-        import transformers
-        from mlflow.models import infer_signature
-
         reqs = [f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
                 f"torch=={torch.__version__.split('+')[0]}"]
         with fluent_tracking(self.uri), mlflow.start_run(run_id=run_id):
