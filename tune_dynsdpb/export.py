@@ -1,8 +1,9 @@
 """``tune-dynsdpb export``: a sweep's best models into the MLflow Model Registry, and back out.
 
 ``export_sweep`` logs the best trial of each arm (weights and tokenizer from its checkpoint, no hub
-references) with ``mlflow.transformers.log_model`` in one MLflow run under the sweep's parent, and
-registers each as a version of one registered model:
+references) as a transformers model in one MLflow run under the sweep's parent, and registers each
+as a version of one registered model; every MLflow call goes through :mod:`tune_dynsdpb.tracking`
+(``Registry``, ``download_model``):
 
 * alias ``best-<arm>`` on each arm's version, ``champion`` on the winner (the best score, mode-aware,
   or the ``--arm`` asked for);
