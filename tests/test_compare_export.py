@@ -228,7 +228,7 @@ def test_export_registers_every_arm_and_loads_back(sweep, tmp_path, capsys):
     import mlflow
     import transformers
 
-    from tune_dynsdpb.export import _tracking
+    from tune_dynsdpb.tracking import fluent_tracking
 
     rejected(capsys, ["export", str(sweep), "--name", "tiny-rte"], "--task", "several tasks")
     assert main(["export", str(sweep), "--name", "tiny-rte", "--task", "rte"]) == 0
@@ -250,7 +250,7 @@ def test_export_registers_every_arm_and_loads_back(sweep, tmp_path, capsys):
     assert len({model.aliases[f"best-{m}"] for m in ARMS}) == 3  # one version per arm
 
     uri = f"sqlite:///{sweep}/mlflow.db"
-    with _tracking(uri):
+    with fluent_tracking(uri):
         pipe = mlflow.transformers.load_model("models:/tiny-rte@champion")
         info = mlflow.models.get_model_info("models:/tiny-rte@champion")
     pred = pipe({"text": "the story was told", "text_pair": "a good movie"})

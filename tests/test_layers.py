@@ -3,7 +3,7 @@ layer or a lower one, and no modules import each other in a circle.
 
 Lowest first::
 
-    L0 method         errors, files, params, losses, sampler, trainer, results
+    L0 method         errors, files, params, losses, sampler, trainer, results, private_apis
     L1 data/modeling  data, run, baselines, plots
     L2 trainables     trainables.dynsdpb, trainables.distributed
     L3 orchestration  search_space, searching, storage, state, tracking, experiment, report, tuning,
@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
-    ("L0 method", ["errors", "files", "params", "losses", "sampler", "trainer", "results"]),
+    ("L0 method", ["errors", "files", "params", "losses", "sampler", "trainer", "results", "private_apis"]),
     ("L1 data/modeling", ["data", "run", "baselines", "plots"]),
     ("L2 trainables", ["trainables.dynsdpb", "trainables.distributed"]),
     ("L3 orchestration", ["search_space", "searching", "storage", "state", "tracking", "experiment", "report",

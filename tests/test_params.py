@@ -24,10 +24,8 @@ def test_the_table():
     assert {n: x.default for n, x in p.items()} == {
         "alpha0": 1.0, "tau0": 3.0, "lambda_alpha": 1.0, "lambda_tau": 0.5, "granularity": "sample",
         "tau_range": (0.05, 20.0), "distill_warmup": 0.25, "schedule": ()}
-    assert params.bounds("alpha0") == (0.0, True, None, True)
-    assert params.bounds("tau0") == (0.0, False, None, True)
-    assert params.bounds("lambda_tau") == (-1.0, False, None, True)
-    assert params.bounds("distill_warmup") == (0.0, False, 1.0, False)
+    assert {n: p[n].rule for n in ("alpha0", "tau0", "lambda_tau", "distill_warmup")} == {
+        "alpha0": ">= 0", "tau0": "> 0", "lambda_tau": "> -1", "distill_warmup": "in (0, 1)"}
     assert p["granularity"].choices == ("sample", "batch")
     assert params.methods_using("distill_warmup") == ("dlb_warmup",)
     assert params.methods_using("lambda_alpha") == ("dynsdpb",)

@@ -480,14 +480,14 @@ def test_export_writes_a_model_logged_by_mlflow(tiny_bert, tmp_path, capsys):
     import mlflow
     import transformers
 
-    from tune_dynsdpb.export import _tracking
+    from tune_dynsdpb.tracking import fluent_tracking
 
     uri, client = registry(tmp_path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tiny_bert))
     tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
     # its own experiment with artifacts under tmp_path: the default one's would go to ./mlruns
     exp_id = client.create_experiment("logged", artifact_location=(tmp_path / "artifacts").as_uri())
-    with _tracking(uri), mlflow.start_run(experiment_id=exp_id):
+    with fluent_tracking(uri), mlflow.start_run(experiment_id=exp_id):
         info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok},
                                              task="text-classification", name="m",
                                              pip_requirements=["transformers", "torch"])

@@ -133,39 +133,31 @@ def test_arms_run_at_the_same_time_on_six_slots(tiny_bert, data_dir, tmp_path):
 
 
 # -- faults: crashes, divergence, signals ---------------------------------------------------------
-class CrashOnce:
-    """A TrainerCallback the test injects: the first trial to take the token file crashes right
-    after its first reported checkpoint (Tune then retries it from that checkpoint)."""
+def kill_on_first_checkpoint(monkeypatch, tmp_path, target: str) -> Path:
+    """A real crash in the sweep's own Tuner, through Ray Tune's RAY_TUNE_CALLBACKS (tests/faults.py):
+    once Tune holds a trial's first checkpoint, ``target`` is SIGKILLed. Returns the token file,
+    which is gone once the crash was delivered."""
+    import faults
 
-    def __init__(self, token: str):
-        self.token = token
-
-    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
-
-    def on_save(self, args, state, control, **kw):
-        try:
-            os.remove(self.token)
-        except FileNotFoundError:
-            return
-        raise RuntimeError("injected crash (fault-tolerance test)")
+    token = tmp_path / "kill.token"
+    token.write_text("")
+    monkeypatch.setenv("RAY_TUNE_CALLBACKS", faults.ENV)
+    monkeypatch.setenv("KILL_TOKEN", str(token))
+    monkeypatch.setenv("KILL_TARGET", target)
+    return token
 
 
-def test_crash_is_retried_from_its_checkpoint(ray_session, tiny_bert, data_dir, tmp_path):
-    import ray
-
+def test_crash_is_retried_from_its_checkpoint(ray_session, tiny_bert, data_dir, tmp_path, monkeypatch):
+    """A trial process killed after its first checkpoint: the sweep's Tuner retries it from there."""
+    from faults import killed
     from tune_dynsdpb.sweep import run_sweep
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    token = tmp_path / "crash.token"
-    token.write_text("")
+    token = kill_on_first_checkpoint(monkeypatch, tmp_path, "trial")
     out = tmp_path / "sweep"
     # grace_period = max_t: ASHA stops nothing, so every status below comes from the fault
     state = run_sweep(spec_file(tmp_path, tiny_bert, name="crash", methods=["dynsdpb"], grace_period=2),
-                      output_dir=out, data_dir=str(data_dir), progress=False, trainer_callbacks=[CrashOnce(str(token))])
-    assert not token.exists()  # the fault was delivered
+                      output_dir=out, data_dir=str(data_dir), progress=False)
+    assert len(killed(token)) == 1  # the fault was delivered
     client = client_for(f"sqlite:///{out}/mlflow.db")
     runs = runs_by_role(client, "crash")["trial"]
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
@@ -238,23 +230,20 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
     assert all(a["started"] == 3 for a in state["arms"].values())
 
 
-def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path):
-    """The real trainer on 2 DDP workers (gloo) as one Tune trial, which crashes once after its
-    first checkpoint: Tune retries it from that checkpoint, and it ends at the single-run step."""
-    import ray
-
+def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path, monkeypatch):
+    """The real trainer on 2 DDP workers (gloo) as one Tune trial, one of whose workers is killed
+    after the trial's first checkpoint: Tune retries it from that checkpoint, and it ends at the
+    single-run step."""
+    from faults import killed
     from tune_dynsdpb.sweep import run_sweep
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    token = tmp_path / "crash.token"
-    token.write_text("")
+    token = kill_on_first_checkpoint(monkeypatch, tmp_path, "train-worker")
     out = tmp_path / "sweep"
     spec = spec_file(tmp_path, tiny_bert, name="ddp", methods=["dynsdpb"], num_samples=1,
                      resources={"cpus_per_trial": 2, "workers_per_trial": 2})
     work_folders = set(Path(tempfile.gettempdir()).glob("dynsdpb-ddp-*"))
-    state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False,
-                      trainer_callbacks=[CrashOnce(str(token))])
-    assert not token.exists()  # one worker crashed
+    state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False)
+    assert len(killed(token)) == 1  # one worker was killed
     assert state.arms["rte/dynsdpb"].best is not None
     client = client_for(f"sqlite:///{out}/mlflow.db")
     (run,) = runs_by_role(client, "ddp")["trial"]

@@ -11,6 +11,9 @@ the reason under ``results.FAILURE``, so the trial is FAILED and never an arm's 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
 import os
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+from ray import tune
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
@@ -43,7 +48,6 @@ class Job:
     workers_per_trial: int = 1
     lora: dict | None = None
     training: dict = field(default_factory=dict)    # extra fixed TrainingArguments
-    callbacks: list = field(default_factory=list)   # extra TrainerCallbacks for every trial
 
     @property
     def distributed(self) -> bool:
@@ -131,8 +135,7 @@ def fit(config: dict, job: Job, train_dataset, eval_dataset, report: Callable[[d
     model, tokenizer = load_model(job.model_path, job.task, lora=job.lora, seed=args.seed)
     accumulation = int(job.training.get("gradient_accumulation_steps", 1))
     reporter = _TuneReporter(report, job, group, batch * accumulation * world_size)
-    trainer = create_trainer(job.task, model, tokenizer, train_dataset, eval_dataset, args,
-                             callbacks=[reporter, *job.callbacks])
+    trainer = create_trainer(job.task, model, tokenizer, train_dataset, eval_dataset, args, callbacks=[reporter])
     trainer.remove_callback(PrinterCallback)  # the reports carry the logs; nothing for a console
     try:
         trainer.train(resume_from_checkpoint=resume_from)
@@ -143,11 +146,9 @@ def fit(config: dict, job: Job, train_dataset, eval_dataset, report: Callable[[d
 def train_dynsdpb(config: dict, jobs: dict[str, Job], data: dict[str, tuple]) -> None:
     """The Tune function trainable (wrap with ``tune.with_parameters(jobs=..., data=...)``):
     ``jobs[task]`` and ``data[task] = (train, eval)`` for the config's ``task``."""
-    from ray import tune
-
     job = jobs[config[R.TASK]]
     train_dataset, eval_dataset = data[config[R.TASK]]
-    if job.distributed:
+    if job.distributed:  # (Ray Train: 0.5 s to import, and only DDP trials need it)
         from .distributed import run_ddp_trial
         work = tempfile.mkdtemp(prefix="dynsdpb-ddp-")  # shared by the ranks of this node
         try:
@@ -182,10 +183,6 @@ def release_memory() -> None:
     trial, in a new thread; glibc keeps what a thread freed in that thread's arena, so without this
     a reused actor grew by about its peak (1.5 GB for MiniLM at length 256) with every trial, to
     8 GB after six trials of the real-data sweep. No-op where libc has no ``malloc_trim``."""
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
@@ -200,8 +197,6 @@ def _step_of(checkpoint_dir: str) -> int:
 
 def _ddp_loop(payload: dict) -> None:
     """Runs on each Ray Train worker; rank 0 reports."""
-    import torch.distributed as dist
-
     from .distributed import get_resume_checkpoint, report
 
     torch.set_num_threads(1)

@@ -6,9 +6,10 @@ Pure (data in, numbers and words out): no Ray, MLflow or trainer imports.
   of the evaluation labels, scored through the task's own metric function (so F1 of the positive
   class is 0 when the majority class is negative, and MCC is 0);
 - correlations (pearson, spearmanr): a constant prediction has none, 0 by convention;
-- losses (``*loss*``, mse, mae, rmse): the loss of the best constant prediction, the class prior
-  for integer labels (cross-entropy = the entropy of the label distribution, in nats) and the mean
-  for real-valued labels (mean squared error, as the Hugging Face regression loss, = the variance).
+- the loss (``eval_loss``, the only loss a task reports): the loss of the best constant prediction,
+  the class prior for integer labels (cross-entropy = the entropy of the label distribution, in
+  nats) and the mean for real-valued labels (mean squared error, as the Hugging Face regression
+  loss, = the variance).
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from typing import Any, Callable
 import numpy as np
 
 CORRELATIONS = ("pearson", "spearmanr", "spearman")
-LOSSES = ("mse", "mae", "rmse")
 
 
 def is_loss(metric: str) -> bool:
-    name = metric.lower().removeprefix("eval_")
-    return "loss" in name or name in LOSSES
+    return "loss" in metric.lower()
 
 
 def baseline_name(metric: str) -> str:
@@ -37,17 +36,13 @@ def _is_classification(labels: np.ndarray) -> bool:
     return labels.dtype.kind in "biu"
 
 
-def _constant_loss(metric: str, labels: np.ndarray, classification: bool) -> float:
-    name = metric.lower().removeprefix("eval_")
-    if classification and "loss" in name:
+def _constant_loss(labels: np.ndarray, classification: bool) -> float:
+    if classification:
         _, counts = np.unique(labels, return_counts=True)
         p = counts / counts.sum()
         return float(-(p * np.log(p)).sum())
     y = labels.astype(np.float64)
-    if name == "mae":
-        return float(np.mean(np.abs(y - np.median(y))))
-    mse = float(np.mean((y - y.mean()) ** 2))
-    return math.sqrt(mse) if name == "rmse" else mse
+    return float(np.mean((y - y.mean()) ** 2))
 
 
 def trivial_baseline(metric: str, labels: Any, compute_metrics: Callable[[tuple], dict] | None = None,
@@ -67,7 +62,7 @@ def trivial_baseline(metric: str, labels: Any, compute_metrics: Callable[[tuple]
     if classification is None:
         classification = _is_classification(y)
     if is_loss(metric):
-        return _constant_loss(metric, y, classification)
+        return _constant_loss(y, classification)
     if name in CORRELATIONS and compute_metrics is None:
         return 0.0
     if compute_metrics is None:

@@ -5,18 +5,32 @@
     tasks = prepare_tasks(spec, ...)        # per task: data, metric/mode, tokenized splits, Job
     preflight(spec, tasks)                  # one real step per task: settings that fail every trial fail once
     trainable = create_trainable(spec, tasks)
+
+Ray, Tune and ``trainables`` (which import Ray) are imported inside the functions: the CLI imports
+this module for :func:`set_ray_env`, which must run before anything imports ``ray``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import huggingface_hub
+import optuna
+import transformers
+
+from .baselines import trivial_baseline
+from .data import check_truncation, count_truncation, fingerprint, load_task, tokenize_task, truncation_summary
 from .errors import UserError, one_line
-from .search_space import SweepSpec, TaskSpec, resolve_metric
+from .run import load_model
+from .search_space import PAIRED, Choices, Range, SweepSpec, TaskSpec, config_name, resolve_metric
 
 
 def quiet_libraries(verbose: bool = False) -> None:
@@ -27,14 +41,6 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
     if verbose:
         return
-    import logging
-
-    import datasets
-    import optuna
-    import transformers
-
-    import huggingface_hub
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -64,9 +70,6 @@ def set_ray_env(address: str | None = None) -> None:
 def sigterm_as_interrupt() -> None:
     """SIGTERM (a preempted node, Slurm, Kubernetes) stops the driver as Ctrl-C does: as a SIGINT,
     which Tune turns into a clean stop (state saved) and which is a KeyboardInterrupt elsewhere."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
@@ -149,22 +152,17 @@ class PreparedTask:
     def truncation_summary(self) -> str:
         """One line with every split's count, e.g. ``task rte: samples cut at max_length=128: train
         304 of 2490 (12.2%), eval 33 of 277 (11.9%)``."""
-        from .data import truncation_summary
         return truncation_summary(self.truncation)
 
 
 def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str, data_dir: str | None = None,
-                  callbacks: list | None = None, say=None) -> dict[str, PreparedTask]:
+                  say=None) -> dict[str, PreparedTask]:
     """Loads, checks and tokenizes every task of ``spec`` (``data_dir`` overrides the file's).
 
     Truncation is counted for every split, and handed to ``say`` (e.g. ``print``) as one line per
     task; it is refused only above the task's ``max_truncated_fraction``, or where dropping the
     causal-LM samples whose answer would lose tokens leaves a split empty."""
     from trainables.dynsdpb import Job
-
-    from .baselines import trivial_baseline
-    from .data import check_truncation, count_truncation, fingerprint, load_task, tokenize_task, truncation_summary
-    from .run import load_model
 
     lora = spec.lora.model_dump() if spec.lora else None
     out: dict[str, PreparedTask] = {}
@@ -191,7 +189,7 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
         job = Job(model_path=model_path, task=task, metric=metric, mode=mode,
                   evals_per_epoch=spec.budget.evals_per_epoch, seed=spec.seed, cpus_per_trial=r.cpus_per_trial,
                   gpus_per_trial=r.gpus_per_trial, workers_per_trial=r.workers_per_trial, lora=lora,
-                  training=spec.training_kwargs(), callbacks=list(callbacks or []))
+                  training=spec.training_kwargs())
         baseline = None if task.kind == "causal_lm" else trivial_baseline(metric, task.eval["label"],
                                                                            task.compute_metrics)
         out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, fingerprint(task), baseline,
@@ -205,8 +203,7 @@ def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> No
     model lacks, a tokenizer without a pad token, ...) fails once, now, with one line."""
     from trainables.dynsdpb import fit
 
-    from .searching import create_points_to_evaluate
-    from .search_space import PAIRED, Choices, Range, config_name
+    from .searching import create_points_to_evaluate  # (imports Ray)
 
     method = next((m for m in spec.methods if m in PAIRED), spec.methods[0])
     point: dict[str, Any] = {}
@@ -223,7 +220,7 @@ def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> No
         job = t.job
         if job.distributed:  # the DDP path runs in the trials only
             continue
-        pre = type(job)(**{**job.__dict__, "training": {**job.training, "max_steps": 2}, "callbacks": []})
+        pre = type(job)(**{**job.__dict__, "training": {**job.training, "max_steps": 2}})
         n = min(len(t.train), 2 * int(point["per_device_train_batch_size"]))
         with tempfile.TemporaryDirectory(prefix="dynsdpb-preflight-") as work:
             try:

@@ -1,8 +1,9 @@
 """``tune-dynsdpb export``: a sweep's best models into the MLflow Model Registry, and back out.
 
 ``export_sweep`` logs the best trial of each arm (weights and tokenizer from its checkpoint, no hub
-references) with ``mlflow.transformers.log_model`` in one MLflow run under the sweep's parent, and
-registers each as a version of one registered model:
+references) as a transformers model in one MLflow run under the sweep's parent, and registers each
+as a version of one registered model; every MLflow call goes through :mod:`tune_dynsdpb.tracking`
+(``Registry``, ``download_model``):
 
 * alias ``best-<arm>`` on each arm's version, ``champion`` on the winner (the best score, mode-aware,
   or the ``--arm`` asked for);
@@ -23,40 +24,32 @@ the MLmodel file is read and checked before anything loads (see :func:`check_fla
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import transformers
+import yaml
+from transformers import (AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoModelForCausalLM,
+                          AutoModelForSequenceClassification, AutoTokenizer)
+from transformers.utils import logging as hf_logging
+
+from . import storage
+from .data import load_task
 from .errors import StoreError, UserError, one_line
+from .files import staged_output
+from .run import load_model
+from .searching import replay_config
+from .state import open_sweep
+from .tracking import (TAG_PARENT, TAG_ROLE, TAG_SWEEP, Registry, SweepTracker, check_tracking_uri, download_model,
+                       open_tracking_uri, redact_uri)
 
 TAG_TASK = "tune_dynsdpb.task"
 ALIAS_CHAMPION = "champion"
-
-
-@contextlib.contextmanager
-def _tracking(uri: str | None):
-    """Points MLflow's fluent API (tracking and registry) at ``uri`` for the block, then puts back
-    what was there before, environment variables included (``set_*_uri`` export them)."""
-    import mlflow
-
-    if uri is None:
-        yield
-        return
-    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def pipeline_task(kind: str) -> str:
@@ -77,13 +70,9 @@ def input_example(task, n: int = 2) -> list:
 
 def load_checkpoint(path: str | Path, task, model_path: str):
     """(model, tokenizer) from a trial's HF Trainer checkpoint; LoRA adapters merged into the base."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     path = Path(path)
     if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        from .run import load_model
+        from peft import PeftModel  # an optional extra: only LoRA checkpoints need it
 
         base, tokenizer = load_model(model_path, task)
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
@@ -114,17 +103,6 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     """Registers each arm's best model as a version of ``name``; returns {arm: version, "champion": arm}.
     Each best checkpoint is read from the sweep's storage path (a local folder, or downloaded from a
     URI into a temporary folder)."""
-    import mlflow
-    import transformers
-    from mlflow.models import infer_signature
-
-    from . import storage
-    from .data import load_task
-    from .searching import replay_config
-    from .state import open_sweep
-    from .tracking import (TAG_PARENT, TAG_ROLE, TAG_SWEEP, Registry, SweepTracker, check_tracking_uri,
-                           open_tracking_uri, redact_uri)
-
     out = Path(sweep_dir).resolve()
     state = open_sweep(out)
     if not name or "'" in name or '"' in name:
@@ -148,8 +126,6 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     ptask = pipeline_task(task.kind)
     model_config = {"function_to_apply": "none"} if task.kind == "regression" else None
     example = input_example(task)
-    reqs = [f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
-            f"torch=={__import__('torch').__version__.split('+')[0]}"]
     run_id = registry.start_run(tracker.experiment_id, f"export-{name}",
                                 {TAG_SWEEP: state.sweep_id, TAG_ROLE: "export", TAG_PARENT: tracker.task_run(task_name)})
     created: list[str] = []
@@ -157,29 +133,26 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     aliases = {f"best-{m}": m for m in best} | {ALIAS_CHAMPION: winner}
     before: dict[str, str] = {}
     try:
-        with _tracking(uri), _no_progress_bars():
-            if not existed:
-                existed = registry.create_model(name, task.name, {"tune_dynsdpb.pipeline_task": ptask})
-            if existed:  # same task (checked above), or an empty model without the tag yet
-                registry.tag_model(name, TAG_TASK, task.name)
-            before = registry.alias_versions(name, aliases)  # what to put back, read before any change
-            versions = {}
+        if not existed:
+            existed = registry.create_model(name, task.name, {"tune_dynsdpb.pipeline_task": ptask})
+        if existed:  # same task (checked above), or an empty model without the tag yet
+            registry.tag_model(name, TAG_TASK, task.name)
+        before = registry.alias_versions(name, aliases)  # what to put back, read before any change
+        versions = {}
+        with _no_progress_bars():  # an error stays the only line on stderr
             for m, b in best.items():
                 with storage.local_copy(b["checkpoint"], prefix="dynsdpb-export-") as folder:
                     model, tokenizer = load_checkpoint(folder, task, state.model_path)
                 output = _predict(transformers.pipeline(ptask, model=model, tokenizer=tokenizer), example,
                                   model_config)
                 try:
-                    with mlflow.start_run(run_id=run_id):
-                        info = mlflow.transformers.log_model(
-                            transformers_model={"model": model, "tokenizer": tokenizer}, task=ptask,
-                            name=f"model-{m}", signature=infer_signature(example, output), input_example=example,
-                            model_config=model_config, pip_requirements=reqs)
+                    model_uri, model_id = registry.log_transformers_model(
+                        run_id, f"model-{m}", model, tokenizer, ptask, example, output, model_config)
                 except Exception as e:  # noqa: BLE001 - the artifact store failed (HTTP 5xx, S3 down, ...)
                     raise StoreError(f"MLflow artifact store of {redact_uri(uri)}: cannot upload model-{m} of "
                                      f"{name!r}: {one_line(e)}; nothing was registered: run the same command "
                                      "again") from None
-                logged.append(info.model_id)
+                logged.append(model_id)
                 config = replay_config(b) if b.get("config") else {}  # a pbt arm's: with its learned schedule
                 tags = {"tune_dynsdpb.sweep_id": state.sweep_id, "tune_dynsdpb.arm": m,
                         "tune_dynsdpb.metric": b["metric"], "tune_dynsdpb.metric_value": repr(float(b["score"])),
@@ -188,13 +161,13 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
                         "tune_dynsdpb.trial_id": str(b.get("trial_id")),
                         "tune_dynsdpb.trial_run_id": str(b.get("run_id")), "tune_dynsdpb.export_run_id": run_id,
                         "tune_dynsdpb.config": _json(config)}
-                version = registry.create_version(name, info.model_uri, run_id, tags, info.model_id)
+                version = registry.create_version(name, model_uri, run_id, tags, model_id)
                 created.append(version)
                 versions[m] = version
-            # aliases only once every version exists: an alias never points at a half-made export;
-            # champion goes last, so a killed export leaves the old champion in place
-            for alias, m in aliases.items():
-                registry.set_alias(name, alias, versions[m])
+        # aliases only once every version exists: an alias never points at a half-made export;
+        # champion goes last, so a killed export leaves the old champion in place
+        for alias, m in aliases.items():
+            registry.set_alias(name, alias, versions[m])
     except BaseException:
         registry.rollback(name, created, before, existed)
         registry.discard(run_id, logged)
@@ -205,8 +178,6 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
 
 def _predict(pipe, example: list, model_config: dict | None):
     """The pipeline's answer to the input example, in the shape MLflow's pyfunc returns it."""
-    import pandas as pd
-
     out = pipe(example, **(model_config or {}))
     if pipe.task == "text-generation":
         return [r[0]["generated_text"] if isinstance(r, list) else r["generated_text"] for r in out]
@@ -214,8 +185,6 @@ def _predict(pipe, example: list, model_config: dict | None):
 
 
 def _json(config: dict) -> str:
-    import json
-
     return json.dumps(config, sort_keys=True, default=str)[:5000]
 
 
@@ -230,8 +199,6 @@ _REFUSED_KEYS = {"local_base_model_path": "a base model outside the artifacts",
 def _transformers_class(name, uri: str, what: str, base: str | None = None):
     """The transformers class called ``name``, found by attribute look-up on the ``transformers``
     package only (nothing else is ever imported); a one-line UserError for anything else."""
-    import transformers
-
     refused = UserError(f"--model: {uri}: {what} class {name!r} is not in the transformers package; "
                         "refusing to load it")
     if not isinstance(name, str) or not name.isidentifier():
@@ -274,8 +241,6 @@ def check_flavor(mlmodel: dict, uri: str) -> dict:
 
 def _no_custom_code(folder: Path, uri: str) -> None:
     """Refuses a config that asks for code shipped with the model (``auto_map``)."""
-    import json
-
     for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
         f = folder / name
         if f.is_file():
@@ -291,10 +256,6 @@ def _no_custom_code(folder: Path, uri: str) -> None:
 def load_registered(local: Path, uri: str):
     """(model, {component: object}) from downloaded artifacts, after :func:`check_flavor`; every
     load goes through the Auto classes with ``trust_remote_code=False``."""
-    import yaml
-    from transformers import (AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
-
     try:
         mlmodel = yaml.safe_load((local / "MLmodel").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -330,8 +291,6 @@ def load_registered(local: Path, uri: str):
 @contextlib.contextmanager
 def _no_progress_bars():
     """No download/loading/writing bars on stderr for the block: an error stays the only line there."""
-    from transformers.utils import logging as hf_logging
-
     saved, was = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"), hf_logging.is_progress_bar_enabled()
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     hf_logging.disable_progress_bar()
@@ -359,22 +318,11 @@ def export_folder(model_uri: str, out: str | Path, tracking_uri: str | None = No
     class of the ``transformers`` package; no hub, adapter or outside base model; no ``auto_map``),
     and only then are the weights loaded, through the Auto classes with ``trust_remote_code=False``.
     ``mlflow.transformers.load_model`` (which imports what the MLmodel file names) is not used."""
-    import tempfile
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from .files import staged_output
-
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out: {out} exists and is not empty")
     with tempfile.TemporaryDirectory(prefix="dynsdpb-export-") as tmp, _no_progress_bars():
-        with _tracking(tracking_uri):
-            try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-            except (MlflowException, OSError) as e:
-                raise UserError(f"--model: cannot load {model_uri}: {one_line(e)}") from None
+        local = download_model(model_uri, tmp, tracking_uri)
         model, parts = load_registered(local, model_uri)
         with staged_output(out, flag="--out") as staged:
             model.save_pretrained(staged)

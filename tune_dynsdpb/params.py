@@ -12,7 +12,6 @@ Public API::
     PARAMS: dict[str, Param]                              the method parameters, by config field name
     TRAINING_PARAMS: dict[str, Param]                     training numbers the CLI / sweep files check
     param(name) -> Param                                  from either table; KeyError if unknown
-    bounds(name) -> Bounds                                (low, low_inclusive, high, high_inclusive)
     check_value(name, value) -> str | None                what is wrong with one value, or None
     check_batch_size(method, size) -> str | None          the half-batch rule of the paired methods
     check_tau0_in_range(tau0, tau_range) -> str | None    the one rule that ties two parameters
@@ -27,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, NamedTuple, get_args
+from typing import Any, Literal, Mapping, get_args
 
 Method = Literal["vanilla", "dlb", "dlb_warmup", "dynsdpb", "pbt"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -54,16 +53,6 @@ SCHEDULED: tuple[str, ...] = ("dlb", "pbt")
 Schedule = tuple[tuple[int, float, float], ...]  # ((step, alpha, tau), ...), ordered by step
 
 
-class Bounds(NamedTuple):
-    """``low``/``high`` are None where unbounded; the flags say whether the bound itself is allowed."""
-
-
-    low: float | None
-    low_inclusive: bool
-    high: float | None
-    high_inclusive: bool
-
-
 @dataclass(frozen=True)
 class Param:
     """One parameter. ``type`` is ``float``, ``int``, ``str`` (with ``choices``), ``tuple`` (a
@@ -81,10 +70,6 @@ class Param:
     high: float | None = None
     high_inclusive: bool = True
     choices: tuple[Any, ...] | None = None
-
-    @property
-    def bounds(self) -> Bounds:
-        return Bounds(self.low, self.low_inclusive, self.high, self.high_inclusive)
 
     @property
     def rule(self) -> str:
@@ -155,11 +140,6 @@ def param(name: str) -> Param:
     if name in PARAMS:
         return PARAMS[name]
     return TRAINING_PARAMS[name]
-
-
-def bounds(name: str) -> Bounds:
-    """``(low, low_inclusive, high, high_inclusive)`` of a numeric parameter (None: unbounded)."""
-    return param(name).bounds
 
 
 def methods_using(name: str) -> tuple[str, ...]:

@@ -20,7 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
+from scipy.interpolate import griddata  # noqa: E402
 
 COLORS = {"vanilla": "tab:gray", "dlb": "tab:blue", "dlb_warmup": "tab:cyan", "dynsdpb": "tab:red", "pbt": "tab:green"}
 NOT_PARAMS = frozenset({"score", "trial_id", "method", "seed", "status", "run_id"})
@@ -182,8 +185,6 @@ def param_heatmap(trials: list[dict], x: str, y: str, metric: str, mode: str, pa
     distinct = len(set(zip(xs.tolist(), ys.tolist())))
     mesh = None
     if distinct >= 4 and np.ptp(xs) and np.ptp(ys):
-        from scipy.interpolate import griddata
-
         gx, gy = np.meshgrid(np.linspace(xs.min(), xs.max(), 80), np.linspace(ys.min(), ys.max(), 80))
         try:
             with warnings.catch_warnings():
@@ -216,8 +217,6 @@ def param_heatmap(trials: list[dict], x: str, y: str, metric: str, mode: str, pa
 
 
 def _distribution(values: list):
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     if all(_finite(v) for v in values):
         lo, hi = min(values), max(values)
         if all(isinstance(v, int) for v in values):
@@ -234,8 +233,6 @@ def param_importances(trials_by_arm: dict[str, list[dict]], mode: str = "max",
     ``optuna.trial.create_trial`` under distributions from the observed values (min..max for
     numbers, categorical for the rest). Params that never vary are left out. An arm with fewer
     than 2 scored trials, a constant score or no varying param gets ``{}``."""
-    import optuna
-
     out: dict[str, dict[str, float]] = {}
     for arm, trials in trials_by_arm.items():
         scored = [t for t in trials if _finite(t.get("score"))]
@@ -259,13 +256,9 @@ def param_importances(trials_by_arm: dict[str, list[dict]], mode: str = "max",
                 params[k] = v
             study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
                                                       value=float(t["score"])))
-        try:
-            try:
-                evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-                imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
-            except ImportError:  # fANOVA needs scikit-learn
-                imp = optuna.importance.get_param_importances(
-                    study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+        try:  # (fANOVA needs scikit-learn: a dependency of the package)
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+            imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
             out[arm] = {k: float(v) for k, v in imp.items()}
         except Exception:  # e.g. params missing from some trials, or too few to fit
             out[arm] = {}

@@ -4,17 +4,29 @@
     model  = load_model(path, task)                 # head sized from the task (or checked against it)
     train, eval = tokenize_task(task, tokenizer)    # once, cached on disk
     trainer = create_trainer(task, model, ...)      # DynSDPBTrainer, the right collator and metrics
+
+:func:`fine_tune` is ``tune-dynsdpb train``: all of the above, then the model and ``metrics.json``
+written to a folder.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from .data import Task
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DataCollatorForSeq2Seq, DataCollatorWithPadding, set_seed)
+from transformers.utils import logging as hf_logging
+
+from . import params
+from .data import Task, check_truncation, count_truncation, load_task, tokenize_task, truncation_summary
 from .errors import UserError
+from .files import staged_output
+from .results import metric_key
 from .trainer import DynSDPBConfig, DynSDPBTrainer
 
 # Trainer integrations that log on their own (we track runs ourselves, from the Tune driver).
@@ -47,9 +59,6 @@ def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote
     ``seed`` seeds every RNG before the model is built. The Trainer seeds only after that, so a
     new head (and LoRA's A matrices) would otherwise start from whatever RNG state the process is
     in: in a reused Ray worker, from the trials it ran before."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              set_seed)
-
     path = resolve_model_path(model)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -86,7 +95,7 @@ def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote
 def apply_lora(model, task: Task, lora: dict):
     """Wraps ``model`` in a peft LoRA adapter: ``lora`` = {r, alpha, dropout, target_modules}."""
     try:
-        import peft
+        import peft  # an optional extra
     except ImportError:
         raise UserError("lora: needs the 'peft' package (pip install 'tune-dynsdpb[lora]')") from None
     cfg = peft.LoraConfig(task_type="CAUSAL_LM" if task.kind == "causal_lm" else "SEQ_CLS",
@@ -97,8 +106,6 @@ def apply_lora(model, task: Task, lora: dict):
 
 def create_data_collator(task: Task, tokenizer):
     """Dynamic padding; causal LMs also pad their labels with -100."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
-
     if task.kind == "causal_lm":
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     return DataCollatorWithPadding(tokenizer)
@@ -121,3 +128,59 @@ def save_final_model(trainer: DynSDPBTrainer, tokenizer, folder: str | Path) -> 
         model = model.merge_and_unload()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def fine_tune(output_dir: str | Path, *, task: str, model: str, method: str, values: dict, data: dict,
+              eval_steps: int | None = None, logging_steps: int = 10, grad_norm_log_steps: int = 0, seed: int = 42,
+              bf16: bool = False, fp16: bool = False, lora: dict | None = None, trust_remote_code: bool = False,
+              say=print) -> dict:
+    """``tune-dynsdpb train``: one model fine-tuned on ``task``, saved (LoRA merged) with its
+    tokenizer and ``metrics.json`` in ``output_dir`` (staged beside it, renamed into place: a
+    failure leaves nothing). Returns the record written to ``metrics.json``.
+
+    ``values``: every method and training parameter of :mod:`tune_dynsdpb.params` by field name,
+    checked there before anything loads (a one-line UserError naming the field); ``data``: the
+    keyword arguments of :func:`~tune_dynsdpb.data.load_task` besides the task, the seed. Raises
+    :class:`~tune_dynsdpb.trainer.TrainingDiverged` for a run that diverged."""
+    values = {**values, "tau_range": tuple(values["tau_range"])}
+    bad = params.check_values(values, method=method)
+    if bad:
+        raise UserError(f"{bad[0]}: {bad[1]}")
+    hf_logging.disable_progress_bar()  # weight loading/writing; the training bar stays
+    batch = values["per_device_train_batch_size"]
+    with staged_output(Path(output_dir)) as tmp:
+        config = DynSDPBConfig(  # checks the method's fields again, as any library caller gets them
+            output_dir=str(tmp / "trainer"), method=method, **{name: values[name] for name in params.PARAMS},
+            per_device_train_batch_size=batch, per_device_eval_batch_size=max(batch, 32),
+            gradient_accumulation_steps=values["gradient_accumulation_steps"],
+            # transformers >= 5 (pinned) has no warmup_ratio: a warmup_steps below 1 is the ratio
+            learning_rate=values["learning_rate"], weight_decay=values["weight_decay"],
+            warmup_steps=values["warmup_ratio"], num_train_epochs=values["num_train_epochs"],
+            max_steps=values["max_steps"], seed=seed, bf16=bf16, fp16=fp16,
+            eval_strategy="steps" if eval_steps else "epoch", eval_steps=eval_steps, save_strategy="no",
+            logging_steps=logging_steps, grad_norm_log_steps=grad_norm_log_steps, report_to=[])
+        loaded = load_task(task, seed=seed, **data)
+        net, tokenizer = load_model(model, loaded, lora=lora, trust_remote_code=trust_remote_code, seed=seed)
+        cut = count_truncation(loaded, tokenizer, values["max_length"])
+        check_truncation(cut, values["max_truncated_fraction"])  # over the threshold, or a split left empty
+        say(f"truncation: {truncation_summary(cut)}", flush=True)
+        train_ds, eval_ds = tokenize_task(loaded, tokenizer, values["max_length"])
+        trainer = create_trainer(loaded, net, tokenizer, train_ds, eval_ds, config)
+        train_out = trainer.train()
+        final = trainer.evaluate()
+        save_final_model(trainer, tokenizer, tmp)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        key = metric_key(loaded.metric)
+        settings = {"model": model, **{name: values[name] for name in params.PARAMS}, "batch_size": batch,
+                    "learning_rate": values["learning_rate"], "epochs": values["num_train_epochs"],
+                    "max_length": values["max_length"], "max_truncated_fraction": values["max_truncated_fraction"],
+                    "seed": seed}
+        record = {"task": loaded.name, "source": loaded.source, "method": method, "metric": key,
+                  "score": final.get(key), "eval": final, "train": train_out.metrics,
+                  "train_samples": len(train_ds), "eval_samples": len(eval_ds), "config": settings,
+                  "truncated": {split: c.truncated for split, c in cut.items()},  # cut, or (causal LMs) dropped
+                  "dropped": {split: c.dropped for split, c in cut.items()},
+                  "samples": {split: c.total for split, c in cut.items()},  # before dropping
+                  "log_history": trainer.state.log_history}
+        (tmp / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    return record

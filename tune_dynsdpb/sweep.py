@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import optuna
 from ray import tune
 
 from . import results as R
@@ -39,10 +40,13 @@ from .console import ProgressCallback, ProgressTable, arm_problems, print_header
 from .errors import UserError
 from .experiment import check_resources, create_trainable, init_ray, preflight, prepare_tasks, quiet_libraries
 from .params import passes_per_epoch
+from .run import resolve_model_path
 from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
-from .searching import record_schedules
+from .searching import create_journal_storage, record_schedules, study_name, use_journal
 from .state import (EXPERIMENT, JOURNAL_FILE, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, hold_lease,
                     inside, lock_folder, mirror, open_stored_sweep, open_sweep)
+from .tracking import (SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri,
+                       open_tracking_uri, redact_uri, use_tracking_uri)
 from .tuning import (CheckpointPruner, JournalMirror, checkpoint_uri, complete, configure_tune,  # noqa: F401
                      create_loggers, create_tuner, fit_tuner)
 
@@ -127,8 +131,6 @@ def open_sweep_run(spec_path, output_dir, *, resume: bool, storage_path: str | N
                    data_dir: str | None, methods, num_samples, overrides) -> _Sweep:
     """Step 1: what was asked, validated before anything runs. A resume opens ``OUT/sweep.json``;
     for an empty or missing ``OUT`` with ``--storage-path``, the state mirrored there."""
-    from .tracking import default_tracking_uri, open_tracking_uri, redact_uri, use_tracking_uri
-
     if not resume:
         if spec_path is None:
             raise UserError("sweep: give a sweep file (e.g. search_spaces/quickstart.yaml)")
@@ -191,11 +193,8 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
               data_dir: str | None = None, methods: Sequence[str] | None = None, num_samples: int | None = None,
               overrides: Sequence[str] = (), ray_address: str | None = None, tracking_uri: str | None = None,
               storage_path: str | None = None, resume: bool = False, progress: bool = True, verbose: bool = False,
-              ray_temp_dir: str | None = None, trainer_callbacks: list | None = None) -> SweepState:
-    """Runs (or resumes) a sweep; returns its final state. ``trainer_callbacks`` go into every
-    trial's Trainer (extra ``TrainerCallback`` objects: logging, fault injection in tests)."""
-    from .tracking import check_tracking_uri
-
+              ray_temp_dir: str | None = None) -> SweepState:
+    """Runs (or resumes) a sweep; returns its final state."""
     quiet_libraries(verbose)
     run = open_sweep_run(spec_path, output_dir, resume=resume, storage_path=storage_path, tracking_uri=tracking_uri,
                          data_dir=data_dir, methods=methods, num_samples=num_samples, overrides=overrides)
@@ -205,7 +204,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
             check_tracking_uri(run.tracking_uri)
             init_ray(ray_address, ray_temp_dir, verbose=verbose)
             check_resources(run.spec, run.where)
-            tasks = prepare(run, data_dir, trainer_callbacks, progress)
+            tasks = prepare(run, data_dir, progress)
             if progress:
                 print_header(run.state, run.out)
             groups = order_groups(tasks, run.spec.methods)
@@ -218,14 +217,12 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
 
 
 # -- 2. what every trial shares -------------------------------------------------------------------
-def prepare(run: _Sweep, data_dir: str | None, callbacks: list | None, progress: bool) -> dict:
+def prepare(run: _Sweep, data_dir: str | None, progress: bool) -> dict:
     """Each task made ready; a new sweep's preflight and first state, or a resume's data check."""
-    from .tracking import redact_uri
-
     spec, state = run.spec, run.state
     model_path = state.model_path if state else _model_path(spec.model)
     tasks = prepare_tasks(spec, model_path, run.out / "cache", run.where, data_dir=None if state else data_dir,
-                          callbacks=callbacks, say=print)
+                          say=print)
     if state is not None:
         for n, t in tasks.items():
             if t.data_hash != state.tasks[n].data_hash:
@@ -257,7 +254,6 @@ def prepare(run: _Sweep, data_dir: str | None, callbacks: list | None, progress:
 
 
 def _model_path(model: str) -> str:
-    from .run import resolve_model_path
     return resolve_model_path(model)
 
 
@@ -273,8 +269,6 @@ def order_groups(tasks: dict, methods: Sequence[str]) -> list[tuple[str, str]]:
 
 def start_tracking(run: _Sweep, tasks: dict, groups: list):
     """The MLflow runs of the sweep, its tasks and arms (found again on a resume)."""
-    from .tracking import SweepTracker, default_artifact_location
-
     state = run.state
     tracker = SweepTracker(run.tracking_uri, run.spec.name, state.sweep_id,
                            artifact_location=default_artifact_location(run.out)
@@ -295,8 +289,6 @@ def start_tracking(run: _Sweep, tasks: dict, groups: list):
 # -- 3. one experiment for every (task, arm) ------------------------------------------------------
 def run_experiment(run: _Sweep, tasks: dict, groups: list, tracker, progress: bool):
     """The Tuner, new or restored from the storage path, run to its budget."""
-    from .searching import use_journal
-
     state, spec = run.state, run.spec
     trainable = create_trainable(spec, tasks)
     experiment = storage.join(state.storage_path, EXPERIMENT)
@@ -394,10 +386,6 @@ def collect_outcomes(grid, state: SweepState) -> list[dict]:
 def _close_orphan_studies(spec: SweepSpec, groups: list, journal: str) -> None:
     """Optuna trials a killed driver left RUNNING (their Tune trials came back under new ids) are
     marked FAIL, so the studies hold exactly the sweep's trials as COMPLETE/PRUNED/FAIL."""
-    import optuna
-
-    from .searching import create_journal_storage, study_name
-
     if not Path(journal).exists():
         return
     journal_storage = create_journal_storage(journal)

@@ -48,9 +48,14 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import mlflow
+import mlflow.transformers
+import torch
+import transformers
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from ray.tune import Callback
 
 from . import results as R
@@ -169,6 +174,29 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
 
 
 # -- values ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def fluent_tracking(uri: str | None):
+    """Points MLflow's fluent API (tracking and registry) at ``uri`` for the block, then puts back
+    what was there before, environment variables included (``set_*_uri`` export them). None: as is."""
+    if uri is None:
+        yield
+        return
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
     out = {}
     for k, v in d.items():
@@ -666,6 +694,7 @@ class Registry:
     made (see its docstring)."""
 
     def __init__(self, uri_or_client):
+        self.uri = None if isinstance(uri_or_client, MlflowClient) else uri_or_client
         self.client = uri_or_client if isinstance(uri_or_client, MlflowClient) else \
             MlflowClient(uri_or_client, registry_uri=uri_or_client)
 
@@ -708,11 +737,27 @@ class Registry:
         return out
 
     def create_version(self, name: str, source: str, run_id: str, tags: dict, model_id: str | None) -> str:
-        return str(self.client.create_model_version(name, source=source, run_id=run_id, tags=tags,
-                                                    model_id=model_id).version)
+        with fluent_tracking(self.uri):  # the registry resolves a models:/ source through the fluent URI
+            return str(self.client.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                                        model_id=model_id).version)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+    def log_transformers_model(self, run_id: str, name: str, model, tokenizer, task: str, example: list,
+                               output, model_config: dict | None) -> tuple[str, str]:
+        """Logs ``model`` and ``tokenizer`` (their weights and files: no hub reference) as the
+        transformers pipeline ``task`` called ``name`` in run ``run_id``; returns (model URI, model
+        id). ``example`` and the pipeline's ``output`` for it make the signature and the input
+        example; the requirements pin this environment's mlflow, transformers and torch."""
+        reqs = [f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
+                f"torch=={torch.__version__.split('+')[0]}"]
+        with fluent_tracking(self.uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tokenizer}, task=task, name=name,
+                signature=infer_signature(example, output), input_example=example, model_config=model_config,
+                pip_requirements=reqs)
+        return info.model_uri, info.model_id
 
     def start_run(self, experiment_id: str, run_name: str, tags: dict) -> str:
         return self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
@@ -762,3 +807,13 @@ class Registry:
             return set(self.client.get_registered_model(name).aliases)
         except Exception:  # noqa: BLE001
             return set()
+
+
+def download_model(model_uri: str, dst: str | os.PathLike, tracking_uri: str | None = None) -> Path:
+    """The artifacts of a logged or registered model (e.g. ``models:/NAME@champion``) downloaded
+    into ``dst``; a one-line UserError naming ``--model`` when MLflow cannot give them."""
+    try:
+        with fluent_tracking(tracking_uri):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except (MlflowException, OSError) as e:
+        raise UserError(f"--model: cannot load {model_uri}: {one_line(e)}") from None

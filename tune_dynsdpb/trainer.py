@@ -27,12 +27,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import UserError
 from .losses import consistency_term
@@ -197,6 +197,13 @@ class _GradNormLogger(TrainerCallback):
         self.trainer.log({f"grad_norm/{n}": v for n, v in zip(names, norms)})
 
 
+def _is_causal_lm(model) -> bool:
+    """Whether ``model`` is (a subclass of) the class ``AutoModelForCausalLM`` builds for its
+    config, looked up in transformers' public auto mapping."""
+    config = type(getattr(model, "config", None))
+    return config in MODEL_FOR_CAUSAL_LM_MAPPING and isinstance(model, MODEL_FOR_CAUSAL_LM_MAPPING[config])
+
+
 class DynSDPBTrainer(Trainer):
     """``transformers.Trainer`` with DLB / DynSDPB self-distillation from the previous mini-batch.
 
@@ -217,7 +224,7 @@ class DynSDPBTrainer(Trainer):
         self._stats_reset()
         model = self.accelerator.unwrap_model(self.model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft adapter
-        self._causal_lm = type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self._causal_lm = _is_causal_lm(base)
         self._regression = not self._causal_lm and getattr(base.config, "num_labels", 2) == 1
         if self.args.grad_norm_log_steps > 0:
             self.add_callback(_GradNormLogger(self, self.args.grad_norm_log_steps))
@@ -239,18 +246,16 @@ class DynSDPBTrainer(Trainer):
             return super().get_train_dataloader()
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        import datasets
-
         dataset, collator = self.train_dataset, self.data_collator
         if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         sampler = PreviousBatchSampler(
-            len(dataset), self._train_batch_size, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            len(dataset), self.args.train_batch_size, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             num_replicas=self.args.world_size, rank=self.args.process_index)
         loader = DataLoader(
-            _WithSampleIds(dataset), batch_size=self._train_batch_size, sampler=sampler, drop_last=False,
+            _WithSampleIds(dataset), batch_size=self.args.train_batch_size, sampler=sampler, drop_last=False,
             collate_fn=_SampleIdCollator(collator), num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory, persistent_workers=self.args.dataloader_persistent_workers,
             prefetch_factor=self.args.dataloader_prefetch_factor)
@@ -391,7 +396,7 @@ class DynSDPBTrainer(Trainer):
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        torch.save({"cache": self.soft_targets.state_dict(), "batch_size": self._train_batch_size,
+        torch.save({"cache": self.soft_targets.state_dict(), "batch_size": self.args.train_batch_size,
                     "world_size": self.args.world_size},
                    os.path.join(folder, STATE_FILE.format(rank=self.args.process_index)))
         if self.args.method in SCHEDULED and self.args.process_index == 0:
@@ -416,9 +421,9 @@ class DynSDPBTrainer(Trainer):
                            os.path.basename(path))
             return
         state = torch.load(path, weights_only=True)
-        if state["batch_size"] != self._train_batch_size or state["world_size"] != self.args.world_size:
+        if state["batch_size"] != self.args.train_batch_size or state["world_size"] != self.args.world_size:
             raise UserError(f"{path}: saved with batch size {state['batch_size']} on {state['world_size']} "
-                            f"process(es); resuming with {self._train_batch_size} on {self.args.world_size} "
+                            f"process(es); resuming with {self.args.train_batch_size} on {self.args.world_size} "
                             "would break the previous-batch chain")
         self.soft_targets.load_state_dict(state["cache"])
 
