@@ -181,7 +181,7 @@ def test_dockerfile_instructions():
     assert {"BASE_IMAGE", "TORCH_INDEX_URL"} <= args
     assert dict(instr)["FROM"] == "${BASE_IMAGE}"  # the CPU or CUDA base is a build argument
     runs = " ".join(rest for w, rest in instr if w == "RUN")
-    assert '--index-url "${TORCH_INDEX_URL}"' in runs and 'pip install ".[' in runs
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs and 'pip install -c constraints.txt ".[' in runs
     # every COPY source exists in the build context (the checkout)
     for w, rest in instr:
         if w == "COPY":

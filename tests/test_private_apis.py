@@ -63,3 +63,10 @@ def test_the_scan_finds_what_it_should():
     assert any(p.search("from ray._private.utils import get_user_temp_dir") for p in PATTERNS)
     assert any(p.search("super()._save_checkpoint(model, trial)") for p in PATTERNS)
     assert not any(p.search("self._stats_reset()") or p.search("parts._replace(netloc=x)") for p in PATTERNS)
+
+
+def test_the_install_pins_the_checked_versions():
+    """scripts/setup-venv.sh installs with constraints.txt: its pins are the checked versions."""
+    pins = dict(re.findall(r"^([\w-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M))
+    assert pins == {u.library: u.checked for u in USES}
+    assert "-c constraints.txt" in (ROOT / "scripts" / "setup-venv.sh").read_text()
