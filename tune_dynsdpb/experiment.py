@@ -42,7 +42,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     if verbose:
         return
     # MLflow prints "View run ... at URL" for each run it ends on a tracking server: one line per
-    # trial between our table's frames; the summary prints the MLflow page once
+    # trial between our table's frames; the header names the tracking URI once
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     datasets.disable_progress_bars()
