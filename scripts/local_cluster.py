@@ -266,9 +266,11 @@ def start_s3(st: dict, d: Path) -> dict:
     cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={p['weed_master']}", f"-volume.port={p['weed_volume']}",
            "-filer", f"-filer.port={p['weed_filer']}", "-s3", f"-s3.port={p['s3']}", f"-s3.config={ident}",
-           # >= 32 volumes of 64 MB: each new bucket takes its own volumes; with weed's defaults
-           # (8 volumes of 30 GB on a small disk) a new bucket fails with "no writable volumes"
-           "-volume.max=64", "-master.volumeSizeLimitMB=64", "-master.telemetry=false"]
+           # volumes of 64 MB, as many as the disk holds (-volume.max=0: free space / 64 MB): each new
+           # bucket takes its own volumes, and with weed's defaults (8 volumes of 30 GB on a small
+           # disk) a new bucket fails with "no writable volumes"; a fixed count (64 x 64 MB = 4 GB)
+           # fills up with one real-model sweep (each MiniLM checkpoint, optimizer included, ~270 MB)
+           "-volume.max=0", "-master.volumeSizeLimitMB=64", "-master.telemetry=false"]
     return spawn(cmd, d / "logs" / "s3.log", service_env(st), cwd=data)
 
 
