@@ -106,6 +106,7 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
             raise UserError(f"{target} already exists; remove it to run the {budget} finals again")
     todo = [n for n in names if n not in written]
     if todo:
+        storage.check_storage(state.storage_path, "the sweep's storage path")  # one line, before any final
         run_finals(out, state, spec, tracker, todo, {n: best[n] for n in todo}, seeds, budget, grad_norm_steps,
                    ray_address, ray_temp_dir, {n: targets[n] for n in todo})
     for n in names:  # every report on disk now; upload what the store does not have
