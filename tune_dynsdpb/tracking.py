@@ -17,9 +17,10 @@ Every run is found by its identifying tags before one is created, so a restarted
 not take concurrent writers well, and one writer (the driver) keeps the store consistent.
 
 The trial callback never writes in Tune's event loop: it queues each write for one background
-thread (:class:`_Writer`), which batches metrics with ``log_batch`` and retries a store that is
-slow or briefly unreachable with backoff, in order, losing nothing; the sweep waits for the queue
-to drain at its end.
+thread (:class:`_Writer`). Each turn of it (at most one per 5 s, unless a flush is waiting) takes
+everything queued and sends one ``log_batch`` per trial run, and it retries a store that is slow or
+briefly unreachable with backoff, in order, losing nothing; the sweep waits for the queue to
+drain at its end.
 
 A repeated step is never hidden. A trial that reports a step at or below one it already logged
 has run again from an earlier point (a retry that restarted from an older checkpoint, or from
