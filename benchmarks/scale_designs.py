@@ -62,12 +62,14 @@ def variant(options: list[str]):
                 grace_period=spec.budget.grace_period, reduction_factor=spec.budget.reduction_factor)
         elif key == "fifo":
             searching.create_scheduler = lambda spec, groups: FIFOScheduler()
-        elif key == "random":
-            def random_search(spec, group, storage=None, _make=saved[2]):
+        elif key == "random":  # create_optuna_search with Optuna's random sampler instead of TPE
+            def random_search(spec, group, storage=None):
                 import optuna
-                search = _make(spec, group, storage)
-                search._ot_study.sampler = optuna.samplers.RandomSampler(seed=spec.seed)  # (Ray's study)
-                return search
+                from ray.tune.search.optuna import OptunaSearch
+                return OptunaSearch(space=searching.DefineByRun(spec, group), metric=R.OBJECTIVE, mode=R.MODE,
+                                    points_to_evaluate=searching.create_points_to_evaluate(spec, group[1]) or None,
+                                    sampler=optuna.samplers.RandomSampler(seed=spec.seed),
+                                    study_name=searching.study_name(spec.name, group), storage=storage)
             searching.create_optuna_search = random_search
         elif key == "no-journal":
             searching.create_journal_storage = lambda path: None

@@ -29,26 +29,11 @@ import os
 import shutil
 import tempfile
 import time
-import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+from tune_dynsdpb import results as R  # the key names; no torch (the package loads it on first use)
 
 
-def _results_module():
-    """:mod:`tune_dynsdpb.results` (the key names), without the package's ``__init__``, which
-    imports torch and transformers (seconds of CPU per Ray worker on a small machine)."""
-    if "tune_dynsdpb.results" in sys.modules:
-        return sys.modules["tune_dynsdpb.results"]
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "tune_dynsdpb" / "results.py"
-    spec = importlib.util.spec_from_file_location("_standin_results", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules["_standin_results"] = mod
-    return mod
-
-
-R = _results_module()
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,69 @@ def test_a_repeated_step_is_logged_as_a_new_attempt_never_dropped(tmp_path, capl
                        "logging its steps again as attempt 2")
 
 
+class CountingClient(MlflowClient):
+    """The real client, counting its ``log_batch`` calls per run and their sizes."""
+
+    def __init__(self, uri):
+        super().__init__(uri)
+        self.batches: dict[str, list[tuple[int, int, int]]] = {}
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kw):
+        self.batches.setdefault(run_id, []).append((len(metrics), len(params), len(tags)))
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+
+def test_the_writer_sends_one_batch_per_run_per_turn(tmp_path):
+    """Eight trials report 20 times each, in turn as Tune's trials do, and end: one turn writes each
+    run's params, 160 reports' metrics and end tag as one ``log_batch`` per run (not one per
+    report). A run with more than MLflow's limits per batch (150 params, 1000 metrics) gets the
+    fewest batches within them. A flush ends a turn's wait at once; the next turn is one more
+    batch per run."""
+    uri = default_tracking_uri(tmp_path)
+    tracker = SweepTracker(uri, "turns", "turn1")
+    tracker.start_sweep({})
+    group = ("rte", "dlb")
+    writer = _Writer(uri, tracker.experiment_id, "turn1", {group: tracker.arm_run(*group)}, start=False,
+                     turn_s=3600.0)  # only a flush ends a turn's wait
+    writer.client = client = CountingClient(uri)
+    trials = [f"t{i}" for i in range(8)]
+    for t in trials:
+        writer.put(("start", t, group, {"learning_rate": "0.001", "seed": "0"}))
+    writer.put(("start", "big", group, {f"p{i}": str(i) for i in range(150)}))
+    for step in range(1, 21):
+        for t in trials:
+            _, metrics = metrics_of({R.STEP: step, "eval_accuracy": step / 100, "loss": 1.0 / step}, 1_000_000 + step)
+            writer.put(("metrics", (t, group), metrics, step))
+    for step in range(1, 41):  # 24 keys + attempt = 25 metrics per report: 1000 in all
+        _, metrics = metrics_of({R.STEP: step, **{f"m{k}": float(k) for k in range(23)}}, 1_000_000 + step)
+        writer.put(("metrics", ("big", group), metrics, step))
+    for t in [*trials, "big"]:
+        writer.put(("end", t, group, {"tune_dynsdpb.stopped_by": "scheduler"}, "KILLED"))
+    writer.thread.start()
+    t0 = time.monotonic()
+    assert writer.flush(60) and time.monotonic() - t0 < 60
+
+    runs = {r.data.tags["ray.trial_id"]: r for r in tracker.trial_runs()}
+    assert set(runs) == {*trials, "big"}
+    for t in trials:
+        run = runs[t]
+        assert client.batches[run.info.run_id] == [(20 * 4, 2, 1)]  # step, eval_accuracy, loss, attempt
+        assert run.info.status == "KILLED" and run.data.params == {"learning_rate": "0.001", "seed": "0"}
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_accuracy")] == \
+            [(s, s / 100) for s in range(1, 21)]
+    big = client.batches[runs["big"].info.run_id]
+    assert big == [(899, 100, 1), (101, 50, 0)]  # within 1000 metrics, 100 params/tags, 1000 in all
+    assert len(runs["big"].data.params) == 150 and runs["big"].data.tags["tune_dynsdpb.stopped_by"] == "scheduler"
+    assert len(client.get_metric_history(runs["big"].info.run_id, "m22")) == 40
+
+    for t in trials[:2]:  # a second turn, right after the first: the flush ends the hour's wait
+        writer.put(("metrics", (t, group), metrics_of({R.STEP: 21, "loss": 0.01}, 2_000_000)[1], 21))
+        writer.put(("metrics", (t, group), metrics_of({R.STEP: 22, "loss": 0.01}, 2_000_001)[1], 22))
+    t0 = time.monotonic()
+    assert writer.flush(60) and time.monotonic() - t0 < 60
+    assert [len(client.batches[runs[t].info.run_id]) for t in trials] == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
 # -- a real sweep ----------------------------------------------------------------------------------
 DIVERGED = re.compile(r"training diverged: non-finite \S+ at step \d+")
 

@@ -2,12 +2,12 @@
 
 The method lives in two short files: :mod:`tune_dynsdpb.losses` (the math) and
 :mod:`tune_dynsdpb.sampler` (the batch stream and the soft-target cache).
+
+The names below load on first use (PEP 562), so that ``import tune_dynsdpb.results`` (the result
+keys, which Ray workers and the driver's callbacks read) does not import torch and transformers.
 """
 
 from .errors import UserError
-from .losses import consistency_kl, consistency_mse, consistency_term, dynamic_alpha_tau, uncertainty_and_confidence
-from .sampler import PreviousBatchSampler, SoftTargetCache
-from .trainer import DynSDPBConfig, DynSDPBTrainer
 
 __all__ = [
     "DynSDPBConfig", "DynSDPBTrainer", "PreviousBatchSampler", "SoftTargetCache", "UserError",
@@ -16,8 +16,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # load_task pulls in `datasets`; import it only when asked for
-    if name == "load_task":
+def __getattr__(name):
+    if name in ("consistency_kl", "consistency_mse", "consistency_term", "dynamic_alpha_tau",
+                "uncertainty_and_confidence"):
+        from . import losses
+        return getattr(losses, name)
+    if name in ("PreviousBatchSampler", "SoftTargetCache"):
+        from . import sampler
+        return getattr(sampler, name)
+    if name in ("DynSDPBConfig", "DynSDPBTrainer"):
+        from . import trainer
+        return getattr(trainer, name)
+    if name == "load_task":  # pulls in `datasets`
         from .data import load_task
         return load_task
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

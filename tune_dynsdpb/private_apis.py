@@ -88,11 +88,6 @@ USES: tuple[PrivateUse, ...] = (
         "(their _ot_study, _ot_trials, sampler); OptunaSearch.save pickles the same internals, so a saved sweep "
         "restores only under the Ray and Optuna versions that wrote it",
         "ray", "2.60.0"),
-    PrivateUse(
-        "ray.tune.search.optuna.OptunaSearch._ot_study", "benchmarks/scale_designs.py",
-        "search._ot_study.sampler",
-        "a benchmark swaps the TPE sampler of Ray's study for a random one (not product code)",
-        "ray", "2.60.0"),
 )
 
 

@@ -17,9 +17,10 @@ Every run is found by its identifying tags before one is created, so a restarted
 not take concurrent writers well, and one writer (the driver) keeps the store consistent.
 
 The trial callback never writes in Tune's event loop: it queues each write for one background
-thread (:class:`_Writer`), which batches metrics with ``log_batch`` and retries a store that is
-slow or briefly unreachable with backoff, in order, losing nothing; the sweep waits for the queue
-to drain at its end.
+thread (:class:`_Writer`). Each turn of it (at most one per 5 s, unless a flush is waiting) takes
+everything queued and sends one ``log_batch`` per trial run, and it retries a store that is slow or
+briefly unreachable with backoff, in order, losing nothing; the sweep waits for the queue to
+drain at its end.
 
 A repeated step is never hidden. A trial that reports a step at or below one it already logged
 has run again from an earlier point (a retry that restarted from an older checkpoint, or from
@@ -56,6 +57,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.utils.validation import (MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH,
+                                     MAX_PARAMS_TAGS_PER_BATCH)
 from ray.tune import Callback
 
 from . import results as R
@@ -497,23 +500,38 @@ class SweepTracker:
         return len(gone)
 
 
+class _Pending:
+    """What one turn of the writer sends to one trial run, in the order it was queued."""
+
+    def __init__(self, group: tuple):
+        self.group, self.start, self.params, self.reports, self.tags, self.status = group, False, {}, [], {}, None
+
+
 class _Writer:
-    """The driver's one MLflow writer: a FIFO of writes done by a background thread, in order.
+    """The driver's one MLflow writer: a FIFO of writes done by a background thread.
 
-    Consecutive metric writes of one run go out as one ``log_batch`` (up to 1000 metrics), each
-    report kept with its own step; a write that fails is retried with backoff until it succeeds,
-    so a slow or briefly unreachable server delays logging but loses nothing and never holds
-    Tune's loop. A report at a step the run already logged starts a new attempt (module doc): it
-    is logged, never dropped. ``start=False`` leaves the thread to be started by the caller."""
+    Each turn takes everything queued (after waiting until ``turn_s`` has passed since the last
+    turn began, unless a flush is queued), groups it by trial run and sends one ``log_batch`` per
+    run: its params, every report's metrics at their own steps and its tags (split only above
+    MLflow's limits per batch), then ends the run if it ended. A run's writes keep their order; a
+    flush is answered once everything queued before it is written. A write that fails is retried
+    with backoff until it succeeds, so a slow or briefly unreachable server delays logging but
+    loses nothing and never holds Tune's loop. A report at a step the run already logged starts a
+    new attempt (module doc): it is logged, never dropped. ``start=False`` leaves the thread to be
+    started by the caller."""
 
-    def __init__(self, uri: str, experiment_id: str, sweep_id: str, arm_runs: dict, start: bool = True):
+    def __init__(self, uri: str, experiment_id: str, sweep_id: str, arm_runs: dict, start: bool = True,
+                 turn_s: float = 5.0):
         self.client = MlflowClient(uri)
-        self.exp_id, self.sweep_id, self.arm_runs = experiment_id, sweep_id, arm_runs
+        self.exp_id, self.sweep_id, self.arm_runs, self.turn_s = experiment_id, sweep_id, arm_runs, turn_s
         self.queue: queue.Queue = queue.Queue()
         self.runs: dict[str, str] = {}       # trial id -> run id
         self.last_step: dict[str, int] = {}  # trial id -> step of its last report logged
         self.attempts: dict[str, int] = {}   # trial id -> its current attempt (1 + restarts seen)
+        self.params: dict[str, set] = {}     # trial id -> the param keys its run has (MLflow refuses changes)
+        self.running: set[str] = set()       # trial ids whose run is RUNNING
         self.names: dict[tuple, int] = {}    # group -> trial runs named so far
+        self.turn_began = -float("inf")
         self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
         if start:
             self.thread.start()
@@ -527,30 +545,93 @@ class _Writer:
         return done.wait(timeout)
 
     def _loop(self) -> None:
-        pending: list[tuple] = []
         while True:
-            op = pending.pop(0) if pending else self.queue.get()
-            if op[0] == "metrics":  # gather what else is queued for the same run, report by report
-                op = ("metrics", op[1], [(op[3], op[2])])
-                while sum(len(m) for _, m in op[2]) < 1000:
-                    try:
-                        nxt = self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt[0] == "metrics" and nxt[1] == op[1]:
-                        op[2].append((nxt[3], nxt[2]))
-                    else:
-                        pending.append(nxt)
-                        break
-            delay = 0.5
-            while True:
-                try:
-                    self._do(op)
-                    break
-                except Exception as e:  # noqa: BLE001 - the store is down or slow: wait and retry
-                    log.warning("MLflow write failed (%s); retrying in %.0f s", one_line(e), delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+            self._turn(self._take())
+
+    def _take(self) -> list[tuple]:
+        """One turn's ops: the next one, then what comes until ``turn_s`` after the last turn
+        began, then what else is queued; up to and including a flush, which ends the wait."""
+        ops = [self.queue.get()]
+        deadline = self.turn_began + self.turn_s
+        while ops[-1][0] != "flush":
+            try:  # past the deadline (timeout 0) this still takes what is queued, without waiting
+                ops.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        self.turn_began = time.monotonic()
+        return ops
+
+    def _turn(self, ops: list[tuple]) -> None:
+        todo: dict[str, _Pending] = {}  # trial id -> its writes of this turn
+        for op in ops:
+            kind = op[0]
+            if kind == "flush":
+                self._write_all(todo)
+                op[1].set()
+                continue
+            # ("start", id, group, params) ("metrics", (id, group), metrics, step) ("tags", id, group, tags)
+            # ("end", id, group, tags, status)
+            trial_id, group = op[1] if kind == "metrics" else op[1:3]
+            p = todo.get(trial_id)
+            if p is not None and p.status is not None:  # more for a run that ended: end it first
+                self._write(trial_id, todo.pop(trial_id))
+                p = None
+            if p is None:
+                p = todo[trial_id] = _Pending(group)
+            if kind == "start":
+                p.start = True
+                p.params.update(op[3])
+            elif kind == "metrics":
+                p.reports.append((op[3], op[2]))
+            else:
+                p.tags.update(op[3])
+                if kind == "end":
+                    p.status = op[4]
+        self._write_all(todo)
+
+    def _write_all(self, todo: dict) -> None:
+        for trial_id, p in todo.items():
+            self._write(trial_id, p)
+        todo.clear()
+
+    def _retry(self, call):
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except Exception as e:  # noqa: BLE001 - the store is down or slow: wait and retry
+                log.warning("MLflow write failed (%s); retrying in %.0f s", one_line(e), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _write(self, trial_id: str, p: _Pending) -> None:
+        run_id = self._retry(lambda: self._run(trial_id, p.group))
+        if p.start and trial_id not in self.running:  # a run found in the store, or ended before
+            self._retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            self.running.add(trial_id)
+        have = self.params[trial_id]
+        params = [Param(k, v) for k, v in p.params.items() if k not in have]
+        have.update(p.params)
+        last, attempt, metrics = self.last_step[trial_id], self.attempts[trial_id], []
+        for step, reported in p.reports:
+            if step <= last:  # it runs again from an earlier point: log it as a new attempt
+                attempt += 1
+                log.warning("trial %s reports step %d again (it had reached step %d): it restarted from an "
+                            "earlier point; logging its steps again as attempt %d", trial_id, step, last, attempt)
+            stamp = reported[0].timestamp if reported else int(time.time() * 1000)
+            metrics += [*reported, Metric(ATTEMPT, float(attempt), stamp, step)]
+            last = step
+        tags = {TAG_ATTEMPTS: str(attempt)} if attempt != self.attempts[trial_id] else {}
+        tags = [RunTag(k, v[:_MAX_TAG]) for k, v in {**p.tags, **tags}.items()]
+        self.last_step[trial_id], self.attempts[trial_id] = last, attempt
+        while metrics or params or tags:  # MLflow's limits per log_batch
+            ps, ts = params[:MAX_PARAMS_TAGS_PER_BATCH], tags[:MAX_PARAMS_TAGS_PER_BATCH]
+            ms = metrics[:min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(ps) - len(ts))]
+            self._retry(lambda: self.client.log_batch(run_id, metrics=ms, params=ps, tags=ts))
+            metrics, params, tags = metrics[len(ms):], params[len(ps):], tags[len(ts):]
+        if p.status is not None:
+            self._retry(lambda: self.client.set_terminated(run_id, p.status))
+            self.running.discard(trial_id)
 
     def _run(self, trial_id: str, group: tuple) -> str:
         if trial_id not in self.runs:
@@ -558,60 +639,29 @@ class _Writer:
                      TAG_TRIAL: trial_id}
             found = self.client.search_runs([self.exp_id], ident_filter(ident), max_results=1)
             if found:
-                run_id = found[0].info.run_id  # logged before (a restored driver): carry on from its history
+                run = found[0]  # logged before (a restored driver): carry on from its history
+                run_id = run.info.run_id
                 # (MLflow's latest value is the one at the highest step, not the last one logged)
                 steps = self.client.get_metric_history(run_id, R.STEP)
                 attempts = self.client.get_metric_history(run_id, ATTEMPT)
                 last = max(steps, key=lambda m: (m.timestamp, m.step)) if steps else None
                 self.last_step[trial_id] = int(last.value) if last is not None else -1
                 self.attempts[trial_id] = int(max(m.value for m in attempts)) if attempts else 1
+                self.params[trial_id] = set(run.data.params)
+                if run.info.status == "RUNNING":
+                    self.running.add(trial_id)
             else:
                 n = self.names.get(group)
                 if n is None:
                     n = len(self.client.search_runs([self.exp_id], ident_filter({k: v for k, v in ident.items()
                                                                                  if k != TAG_TRIAL})))
-                self.names[group] = n + 1
                 run_id = self.client.create_run(self.exp_id, run_name=f"{group[0]} · {group[1]} · trial {n + 1}",
                                                 tags={**ident, TAG_PARENT: self.arm_runs[group]}).info.run_id
-                self.last_step[trial_id] = -1
-                self.attempts[trial_id] = 1
+                self.names[group] = n + 1
+                self.last_step[trial_id], self.attempts[trial_id], self.params[trial_id] = -1, 1, set()
+                self.running.add(trial_id)
             self.runs[trial_id] = run_id
         return self.runs[trial_id]
-
-    def _do(self, op: tuple) -> None:
-        kind = op[0]
-        if kind == "flush":
-            op[1].set()
-        elif kind == "start":
-            _, trial_id, group, params = op
-            run_id = self._run(trial_id, group)
-            _reopen(self.client, run_id)
-            _log_params(self.client, run_id, params)
-        elif kind == "metrics":  # ("metrics", (trial id, group), [(step, metrics), ...]) from _loop
-            _, (trial_id, group), reports = op
-            run_id = self._run(trial_id, group)
-            last, attempt, out = self.last_step[trial_id], self.attempts[trial_id], []
-            for step, metrics in reports:
-                if step <= last:  # it runs again from an earlier point: log it as a new attempt
-                    attempt += 1
-                    log.warning("trial %s reports step %d again (it had reached step %d): it restarted from an "
-                                "earlier point; logging its steps again as attempt %d", trial_id, step, last, attempt)
-                stamp = metrics[0].timestamp if metrics else int(time.time() * 1000)
-                out += [*metrics, Metric(ATTEMPT, float(attempt), stamp, step)]
-                last = step
-            tags = [RunTag(TAG_ATTEMPTS, str(attempt))] if attempt != self.attempts[trial_id] else []
-            for i in range(0, len(out), 1000):
-                self.client.log_batch(run_id, metrics=out[i:i + 1000], tags=tags if i == 0 else [])
-            self.last_step[trial_id], self.attempts[trial_id] = last, attempt
-        elif kind == "tags":
-            _, trial_id, group, tags = op
-            self.client.log_batch(self._run(trial_id, group), tags=[RunTag(k, v[:_MAX_TAG]) for k, v in tags.items()])
-        elif kind == "end":
-            _, trial_id, group, tags, status = op
-            run_id = self._run(trial_id, group)
-            if tags:
-                self.client.log_batch(run_id, tags=[RunTag(k, v[:_MAX_TAG]) for k, v in tags.items()])
-            self.client.set_terminated(run_id, status)
 
 
 _WRITERS: dict[tuple, _Writer] = {}  # one per (uri, sweep) in the driver process
