@@ -291,8 +291,11 @@ class GroupedASHA(FIFOScheduler):
             if trial.status == Trial.PENDING and self._pbt_group(trial, pbt) is None:
                 return trial
         for group, s in pbt.items():
-            chosen = s.choose_trial_to_run(_GroupView(tune_controller, group)) or \
-                self._stalled(trials, group, getattr(self, "population", 0))
+            chosen = s.choose_trial_to_run(_GroupView(tune_controller, group))
+            if chosen is None:
+                chosen = self._stalled(trials, group, getattr(self, "population", 0))
+                if chosen is not None:
+                    _say_released(chosen, group)
             if chosen is not None:
                 return chosen
         for trial in trials:
@@ -348,6 +351,14 @@ class GroupedASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "; ".join(f"{t}/{m}: {s.debug_string()}" for (t, m), s in self.schedulers.items())
+
+
+def _say_released(trial, group: Group) -> None:
+    import sys
+
+    print(f"tune-dynsdpb: {group[0]}/{group[1]}: after the resume, member {trial.trial_id} goes on with its own "
+          "alpha0/tau0 past a perturbation point its population had not reached together before the interruption "
+          "(Tune keeps no scheduler state across a resume)", file=sys.stderr, flush=True)
 
 
 def create_searcher(spec: SweepSpec, groups: list[Group], storage=None) -> RoundRobinSearcher:
