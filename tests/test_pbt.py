@@ -335,12 +335,10 @@ def _pbt_checkpoint(out: Path) -> bool:
 
 @pytest.mark.slow
 def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_bert, data_dir, tmp_path):
-    """Ctrl-C of the driver once a pbt member has a checkpoint (it then waits at the first
-    perturbation point for the other member), then `sweep --resume`: exactly the population of 2
-    pbt trial runs in MLflow, none RUNNING, no member past its 8 steps. The arm alone, so that
-    after the resume both members train side by side: Tune saves no scheduler, and the restored
-    PBT, knowing nothing of the first member's progress, can leave the second one waiting for a
-    report that never comes (GroupedASHA._stalled lets it go on)."""
+    """Ctrl-C of the driver once a pbt member has a checkpoint (its population is then waiting at
+    its first perturbation point), then `sweep --resume`: exactly the population of 2 pbt trial
+    runs in MLflow (and 2 dlb ones), none RUNNING, no member past its 8 steps. (The dlb trials keep
+    the sweep running past the interrupt; a pbt-only sweep of one epoch could end before it.)"""
     import os
     import signal
     import subprocess
@@ -352,7 +350,7 @@ def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_be
     from helpers import wait_for
 
     d = raw(model=str(tiny_bert), name="pbtresume", grace_period=2)
-    d["methods"] = ["pbt"]
+    d["methods"] = ["dlb", "pbt"]
     d["training"] = {"logging_steps": LOGGING}
     spec = tmp_path / "pbtresume.yaml"
     spec.write_text(yaml.safe_dump(d))
@@ -381,7 +379,7 @@ def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_be
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     print("\n".join(line for line in resumed.stderr.splitlines() if "after the resume" in line))  # (a race)
     client = client_for(f"sqlite:///{out}/mlflow.db")
-    runs = check_tree(client, "pbtresume", ["rte"], ["pbt"], 2)  # none RUNNING, no trial id twice
+    runs = check_tree(client, "pbtresume", ["rte"], ["dlb", "pbt"], 2)  # none RUNNING, no trial id twice
     for r in runs["trial"]:
         assert max(m.step for m in client.get_metric_history(r.info.run_id, "step")) == 2 * LOGGING
     state = json.loads((out / "sweep.json").read_text())
