@@ -96,63 +96,295 @@ def test_scheduler_gives_pbt_its_own_population_and_searcher_hands_it_out_whole(
     with pytest.raises((KeyError, TypeError)):  # (not added to PBT here: a report that reaches it fails on the lookup)
         sched.on_trial_result(SimpleNamespace(get_trials=list), member, {"objective": 0.5, "training_iteration": 1})
 
+    # a resumed population that PBT can no longer move (its restored PBT knows nothing of the
+    # members' progress): the member that trained least goes on; never while a member runs
+    from ray.tune.experiment import Trial
+
+    from tune_dynsdpb.searching import GroupedASHA
+
+    def trial(method, status, iteration=None):
+        return SimpleNamespace(config={"task": "rte", "method": method}, status=status,
+                               last_result={"training_iteration": iteration} if iteration else {})
+
+    done, waiting, fresh = trial("pbt", Trial.TERMINATED, 2), trial("pbt", Trial.PAUSED, 1), trial("pbt", Trial.PENDING)
+    g = ("rte", "pbt")
+    assert sched.population == 3
+    assert GroupedASHA._stalled([done, waiting, trial("dlb", Trial.PENDING)], g, 2) is waiting
+    assert GroupedASHA._stalled([done, waiting, fresh], g, 3) is fresh
+    assert GroupedASHA._stalled([done, waiting], g, 3) is None  # a member still to come: wait for it
+    assert GroupedASHA._stalled([trial("pbt", Trial.RUNNING, 1), waiting], g, 2) is None
+    assert GroupedASHA._stalled([done, done, trial("dlb", Trial.PAUSED)], g, 2) is None
+
     trials = [SimpleNamespace(config={"task": "rte", "method": m}) for m in ("dlb", "pbt", "pbt")]
     view = _GroupView(SimpleNamespace(get_trials=lambda: trials, get_live_trials=lambda: set(trials),
                                       search_alg="a searcher"), ("rte", "pbt"))
     assert view.get_trials() == trials[1:] and view.search_alg is None
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="unfinished (issue 20, item 1): its first run had PBT perturb at the final "
-                   "report, one MLflow trial run for the pbt arm instead of 2 and no alpha change in result.json; "
-                   "the final-report fix (GroupedASHA) is not yet verified end to end")
-def test_a_sweep_with_a_pbt_arm_learns_and_replays_a_schedule(ray_session, tiny_bert, data_dir, tmp_path):
-    """dlb, dlb_warmup, dynsdpb and pbt in one Tune experiment: pbt's population of 2 perturbs
-    α0/τ0 once (after the first of its 2 evaluations), α visibly changes inside a pbt trial, the
-    arm has exactly its 2 trial runs and no more trial-epochs than the others; the winning
-    lineage's schedule lands in the state and in MLflow, and compare replays it."""
+# -- one sweep end to end, shared by the slow tests below ----------------------------------------
+
+LOGGING = 4  # = the evaluation interval (64 sentences, B/2 = 8 new a step: 8 steps, 2 evaluations)
+
+
+class TrainLog:
+    """A TrainerCallback: every start of a trial's training (a first start, or a restart from a
+    checkpoint: a retry, or PBT's exploit) and every evaluation appends one line: the trial, the
+    global step, the config's alpha0/tau0, the schedule the trainer follows and a fingerprint of
+    the weights (so a restart shows whose checkpoint it restored). At an evaluation the weights
+    are those of the checkpoint saved right after it; the save itself is reported to Tune first,
+    and a member that PBT pauses there never runs the callbacks after that report."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def _write(self, event: str, args, state, model) -> None:
+        import hashlib
+
+        import torch
+        from ray import tune
+
+        try:
+            trial = tune.get_context().get_trial_id()
+        except Exception:  # noqa: BLE001 - the driver's preflight: no trial
+            trial = None
+        if trial is None or args.method != "pbt":
+            return
+        weights = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+        row = {"trial": trial, "event": event, "step": state.global_step, "alpha0": args.alpha0, "tau0": args.tau0,
+               "schedule": [list(e) for e in args.schedule],
+               "weights": hashlib.sha1(weights.numpy().tobytes()).hexdigest()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self._write("begin", args, state, model)
+
+    def on_evaluate(self, args, state, control, model=None, **kw):
+        self._write("eval", args, state, model)
+
+
+@pytest.fixture(scope="module")
+def pbt_sweep(ray_session, tiny_bert, data_dir, tmp_path_factory):
+    """dlb, dlb_warmup, dynsdpb and pbt in one Tune experiment (sweep.run_sweep as the CLI runs it):
+    pbt's population of 2 perturbs α0/τ0 once, after the first of its 2 evaluations."""
+    import sys
+
+    import ray
     import yaml
 
-    from tune_dynsdpb.compare import run_compare
-    from tune_dynsdpb.state import open_sweep
     from tune_dynsdpb.sweep import run_sweep
 
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # TrainLog, into the workers
+    tmp = tmp_path_factory.mktemp("pbt-sweep")
     d = raw(model=str(tiny_bert), name="pbt", grace_period=2)
     d["task"] = "sst2"
-    d["training"] = {"logging_steps": 4}  # = the evaluation interval: one α per report
-    spec = tmp_path / "pbt.yaml"
+    d["training"] = {"logging_steps": LOGGING}  # one α per report
+    spec = tmp / "pbt.yaml"
     spec.write_text(yaml.safe_dump(d))
-    out = tmp_path / "out"
-    state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False)
+    out = tmp / "out"
+    log = tmp / "train.jsonl"
+    state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False,
+                      trainer_callbacks=[TrainLog(str(log))])
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return SimpleNamespace(out=out, state=state, client=client_for(f"sqlite:///{out}/mlflow.db"), log=rows)
+
+
+def _history(client, run_id: str, key: str) -> list:
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+
+
+def _follows(client, run_id: str, schedule: list) -> list:
+    """Each logged window of the run's α and τ (min, max) against the schedule's values over the
+    steps it covers: a log at step k covers the steps taken at global steps k-LOGGING .. k-1 (the
+    first step has no targets)."""
+    from tune_dynsdpb.params import alpha_tau_at
+
+    seen = []
+    lo_a, hi_a, lo_t, hi_t = (_history(client, run_id, k) for k in ("alpha_min", "alpha_max", "tau_min", "tau_max"))
+    assert lo_a and [m.step for m in lo_a] == [m.step for m in hi_a] == [m.step for m in lo_t]
+    for a0, a1, t0, t1 in zip(lo_a, hi_a, lo_t, hi_t):
+        want = [alpha_tau_at(tuple(map(tuple, schedule)), k, -1.0, -1.0) for k in range(max(1, a0.step - LOGGING),
+                                                                                        a0.step)]
+        got = (a0.value, a1.value, t0.value, t1.value)
+        alphas, taus = [w[0] for w in want], [w[1] for w in want]
+        expected = (min(alphas), max(alphas), min(taus), max(taus))
+        assert got == pytest.approx(expected, rel=1e-5), (a0.step, got, expected)
+        seen.append((a0.step, a0.value))
+    return seen
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_pbt_arm_learns_a_schedule(pbt_sweep):
+    """Exactly the population of 2 trial runs for pbt (as for every arm), none RUNNING; no member
+    trains longer than the others' trials; α visibly changes inside a pbt trial; the winning
+    lineage's schedule lands in the state and in MLflow."""
+    from tune_dynsdpb.state import open_sweep
+
+    out, state, client = pbt_sweep.out, pbt_sweep.state, pbt_sweep.client
     assert state.status == "finished"
-    client = client_for(f"sqlite:///{out}/mlflow.db")
-    runs = check_tree(client, "pbt", ["sst2"], ARMS, 2)  # exactly 2 trial runs per arm, no step twice
+    runs = check_tree(client, "pbt", ["sst2"], ARMS, 2)  # exactly 2 trial runs per arm, none RUNNING
     steps = {}
     alphas = []
     for r in runs["trial"]:
         arm = r.data.tags["tune_dynsdpb.arm"]
+        assert r.info.status == "FINISHED", (arm, r.info.status)
         steps.setdefault(arm, []).append(max(m.step for m in client.get_metric_history(r.info.run_id, "step")))
         if arm == "pbt":
-            alphas.append([m.value for m in sorted(client.get_metric_history(r.info.run_id, "alpha_mean"),
-                                                   key=lambda m: m.step)])
+            alphas.append([m.value for m in _history(client, r.info.run_id, "alpha_mean")])
     assert steps["pbt"] == [8, 8] and max(steps["pbt"]) <= max(steps["dlb"])  # equal compute: 8 steps a trial
-    assert any(len(set(a)) > 1 for a in alphas), alphas  # PBT changed alpha inside a trial
+    assert any(len(set(a)) > 1 for a in alphas), alphas  # PBT changed α inside a trial
+    assert state.arms["sst2/pbt"].counts == {"FINISHED": 2}
     best = state.arms["sst2/pbt"].best
     assert best.schedule and best.schedule[0][0] == 0 and all(len(e) == 3 for e in best.schedule)
+    assert [e[0] for e in best.schedule] in ([0], [0, LOGGING])  # a breakpoint only where PBT perturbed
     assert open_sweep(out).arms["sst2/pbt"].best.schedule == best.schedule
     tag = client.get_run(best.run_id).data.tags["best.schedule"]
     assert json.loads(tag) == best.schedule
-    assert [m.step for m in client.get_metric_history(best.run_id, "schedule_alpha")] == [e[0] for e in best.schedule]
+    assert [m.step for m in _history(client, best.run_id, "schedule_alpha")] == [e[0] for e in best.schedule]
+    assert [m.value for m in _history(client, best.run_id, "schedule_alpha")] == pytest.approx(
+        [e[1] for e in best.schedule])
     assert all(state.arms[f"sst2/{m}"].best.schedule is None for m in ARMS[:3])
 
-    report = run_compare(out, seeds=1, budget="epochs")
-    finals = json.loads((report / "finals.json").read_text())
-    text = json.dumps(finals)
-    assert "pbt" in text
+
+@pytest.mark.slow
+def test_an_exploited_member_trains_on_from_the_cloned_checkpoint_with_its_mutated_config(pbt_sweep):
+    """PBT's exploit through the real scheduler (GroupedASHA's PopulationBasedTraining) and the real
+    trainable: the weaker member restarts from the stronger member's checkpoint at its step (the
+    same weights), with a perturbed alpha0/tau0 inside params.pbt's ranges; it keeps the donor's
+    schedule up to that step and then follows its own mutated values, and trains to the same 8
+    steps as every trial."""
+    log = pbt_sweep.log
+    first = {r["trial"]: r for r in log if r["event"] == "begin" and r["step"] == 0}
+    assert len(first) == 2, log  # the population
+    saves = {(r["trial"], r["step"]): r for r in log if r["event"] == "eval"}  # = each checkpoint
+    restarts = [r for r in log if r["event"] == "begin" and r["step"] > 0]
+    exploited = [r for r in restarts if (r["alpha0"], r["tau0"]) != (first[r["trial"]]["alpha0"],
+                                                                      first[r["trial"]]["tau0"])]
+    assert len(exploited) == 1, restarts
+    (e,) = exploited
+    (donor,) = set(first) - {e["trial"]}
+    assert e["step"] == LOGGING  # the perturbation point: after the first evaluation
+    cloned = saves[(donor, LOGGING)]
+    assert e["weights"] == cloned["weights"] != saves[(e["trial"], LOGGING)]["weights"]  # the donor's checkpoint
+    assert PBT["alpha0"]["low"] <= e["alpha0"] <= PBT["alpha0"]["high"]
+    assert PBT["tau0"]["low"] <= e["tau0"] <= PBT["tau0"]["high"]
+    assert e["schedule"] == [[0, cloned["alpha0"], cloned["tau0"]], [LOGGING, e["alpha0"], e["tau0"]]]
+    end = saves[(e["trial"], 2 * LOGGING)]  # trains on to the trial's end, carrying the lineage
+    assert (end["alpha0"], end["tau0"]) == (e["alpha0"], e["tau0"]) and end["schedule"] == e["schedule"]
+    assert not [k for k in saves if k[1] > 2 * LOGGING]  # no member trains past its budget
+    run = next(r for r in runs_by_role(pbt_sweep.client, "pbt")["trial"] if r.data.tags["ray.trial_id"] == e["trial"])
+    own = first[e["trial"]]  # its MLflow run: its own α/τ up to the exploit, the mutated ones after it
+    _follows(pbt_sweep.client, run.info.run_id, [[0, own["alpha0"], own["tau0"]], [LOGGING, e["alpha0"], e["tau0"]]])
+
+
+@pytest.mark.slow
+def test_compare_replays_the_learned_schedule_over_seeds(pbt_sweep, capsys):
+    """`compare --seeds 2`: each pbt final is dlb's loss following the winning schedule from step 0;
+    the α and τ it logs per step are the schedule's."""
+    from tune_dynsdpb.cli import main
+
+    out, state, client = pbt_sweep.out, pbt_sweep.state, pbt_sweep.client
+    schedule = state.arms["sst2/pbt"].best.schedule
+    assert main(["compare", str(out), "--seeds", "2", "--budget", "epochs", "--methods", "dlb", "pbt"]) == 0, \
+        capsys.readouterr().err
+    finals = json.loads((out / "report-epochs" / "finals.json").read_text())  # one task: no task folder
+    assert {t["method"] for t in finals["trials"]} == {"dlb", "pbt"}
     configs = [json.loads((p.parent / "params.json").read_text())
                for p in (out / "ray" / "finals-epochs").rglob("result.json")]
-    (pbt_final,) = [c for c in configs if c.get("method") == "pbt"]
-    assert pbt_final["schedule"] == best.schedule
+    pbt_configs = [c for c in configs if c.get("method") == "pbt"]
+    assert sorted(c["seed"] for c in pbt_configs) == [0, 1]
+    assert all(c["schedule"] == schedule for c in pbt_configs)
+    trials = runs_by_role(client, "pbt")["trial"]
+    replays = [r for r in trials if r.data.tags["tune_dynsdpb.arm"] == "finals-epochs"
+               and r.data.params["method"] == "pbt"]
+    assert sorted(r.data.params["seed"] for r in replays) == ["0", "1"]
+    for r in replays:
+        assert r.info.status == "FINISHED"
+        assert json.loads(r.data.params["schedule"]) == schedule
+        logged = _follows(client, r.info.run_id, schedule)
+        assert [s for s, _ in logged] == [LOGGING, 2 * LOGGING]
+
+
+@pytest.mark.slow
+def test_export_carries_the_learned_schedule(pbt_sweep):
+    """The pbt arm's registered model version carries its replay config, the schedule included."""
+    from tune_dynsdpb.cli import main
+
+    out, state, client = pbt_sweep.out, pbt_sweep.state, pbt_sweep.client
+    assert main(["export", str(out), "--name", "pbt-sst2", "--arm", "pbt"]) == 0
+    champion = client.get_model_version_by_alias("pbt-sst2", "champion")
+    assert champion.tags["tune_dynsdpb.arm"] == "pbt"
+    config = json.loads(champion.tags["tune_dynsdpb.config"])
+    assert config["schedule"] == state.arms["sst2/pbt"].best.schedule and config["method"] == "pbt"
+    dlb = client.get_model_version_by_alias("pbt-sst2", "best-dlb")
+    assert "schedule" not in json.loads(dlb.tags["tune_dynsdpb.config"])
+
+
+def _pbt_checkpoint(out: Path) -> bool:
+    """Whether a pbt member has reported a checkpoint (Tune's trial folders under OUT/ray/sweep)."""
+    for params in (out / "ray" / "sweep").glob("*/params.json"):
+        if json.loads(params.read_text()).get("method") == "pbt" and list(params.parent.glob("checkpoint_*")):
+            return True
+    return False
+
+
+@pytest.mark.slow
+def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_bert, data_dir, tmp_path):
+    """Ctrl-C of the driver once a pbt member has a checkpoint (its population is then waiting at
+    its first perturbation point), then `sweep --resume`: exactly the population of 2 pbt trial
+    runs in MLflow (and 2 dlb ones), none RUNNING, no member past its 8 steps. (The dlb trials keep
+    the sweep running past the interrupt; a pbt-only sweep of one epoch could end before it.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    import guards
+    from helpers import wait_for
+
+    d = raw(model=str(tiny_bert), name="pbtresume", grace_period=2)
+    d["methods"] = ["dlb", "pbt"]
+    d["training"] = {"logging_steps": LOGGING}
+    spec = tmp_path / "pbtresume.yaml"
+    spec.write_text(yaml.safe_dump(d))
+    out = tmp_path / "sweep"
+    env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
+           "--output-dir", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or _pbt_checkpoint(out), 300, "a pbt member's checkpoint")
+        assert proc.poll() is None, "the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:]
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=180)
+        err = proc.stderr.read()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert code == 130, err[-2000:]
+    assert json.loads((out / "sweep.json").read_text())["status"] == "interrupted"
+    resumed = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", "--resume", "--output-dir",
+                              str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    print("\n".join(line for line in resumed.stderr.splitlines() if "after the resume" in line))  # (a race)
+    client = client_for(f"sqlite:///{out}/mlflow.db")
+    runs = check_tree(client, "pbtresume", ["rte"], ["dlb", "pbt"], 2)  # none RUNNING, no trial id twice
+    for r in runs["trial"]:
+        assert max(m.step for m in client.get_metric_history(r.info.run_id, "step")) == 2 * LOGGING
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["status"] == "finished"
+    assert state["arms"]["rte/pbt"]["started"] == 2 and state["arms"]["rte/pbt"]["best"]["schedule"]
 
 
 def test_the_report_plots_the_learned_schedule_beside_dynsdpb_and_dlb(tmp_path):

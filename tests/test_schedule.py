@@ -105,6 +105,10 @@ def test_replay_config_fixes_the_learned_schedule(tiny_bert, tmp_path):
     config = replay_config(best)
     assert config == {**best["config"], "schedule": [[0, 1.0, 3.0], [2, 2.0, 2.0]]}
     assert replay_config({"config": {"method": "dlb", "alpha0": 1.0}}) == {"method": "dlb", "alpha0": 1.0}
+    with pytest.raises(UserError) as e:  # a hand-edited state: refused in one line, before any final runs
+        replay_config({**best, "schedule": [[4, 1.0, 3.0], [2, 2.0, 2.0]]})
+    assert str(e.value) == ("sweep.json: the pbt arm's best.schedule: must be ordered by step: entry 1 (step 2) "
+                            "comes after step 4")
     # the replay follows the schedule from step 0 and a retry of it keeps the schedule (no extension)
     run, rec = build("classification", tiny_bert, tmp_path / "r", "pbt", steps=4, alpha0=2.0, tau0=2.0,
                      schedule=config["schedule"], save_strategy="steps", save_steps=2)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).parent.parent
 # every sweep file we ship: the user-facing ones and the real-data benchmark protocol
 SHIPPED = sorted(ROOT.glob("search_spaces/*.yaml")) + sorted(ROOT.glob("benchmarks/real/*.yaml"))
 METHOD_ONLY = {"vanilla": set(), "dlb": {"alpha0", "tau0"}, "dlb_warmup": {"alpha0", "tau0", "distill_warmup"},
-               "dynsdpb": {"alpha0", "tau0", "lambda_alpha", "lambda_tau", "granularity"}}
+               "dynsdpb": {"alpha0", "tau0", "lambda_alpha", "lambda_tau", "granularity"}, "pbt": {"alpha0", "tau0"}}
 ALL_METHOD_PARAMS = set().union(*METHOD_ONLY.values())
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -108,11 +108,12 @@ def test_suggestions_build_a_dynsdpb_config(tmp_path):
 
 
 def test_quickstart_is_small_and_has_every_arm():
-    """The README's main job: SST-2 (which MiniLM learns within a few dozen steps), 4 arms x 2
-    trials of one epoch on 800 sentences, two one-CPU trials at once."""
+    """The README's main job: SST-2 (which MiniLM learns within a few dozen steps), vanilla and
+    four distinct DLB-style arms (pbt included) x 2 trials of one epoch on 800 sentences, two
+    one-CPU trials at once."""
     spec = load_search_space(ROOT / "search_spaces" / "quickstart.yaml")
     assert spec.task == "sst2" and spec.max_train_samples == 800 and spec.max_eval_samples == 400
-    assert spec.methods == ["vanilla", "dlb", "dlb_warmup", "dynsdpb"]
+    assert spec.methods == ["vanilla", "dlb", "dlb_warmup", "dynsdpb", "pbt"]
     assert spec.budget.num_samples == 2 and spec.params.common.num_train_epochs == 1
     assert spec.params.common.per_device_train_batch_size == 16 and spec.resources.cpus_per_trial == 1
     assert [t.task for t in spec.task_specs()] == ["sst2"]

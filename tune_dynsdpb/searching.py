@@ -245,9 +245,10 @@ class GroupedASHA(FIFOScheduler):
     """One scheduler per group (ASHA bracket sets; PBT for pbt arms), on ``objective`` (max); trials
     run first-in, first-out, except that a PBT population's paused members wait for their PBT."""
 
-    def __init__(self, schedulers: dict[Group, TrialScheduler]):
+    def __init__(self, schedulers: dict[Group, TrialScheduler], population: int = 0):
         super().__init__()
         self.schedulers = dict(schedulers)
+        self.population = population  # members of each PBT group (budget.num_samples)
         for s in self.schedulers.values():
             s.set_search_properties(R.OBJECTIVE, R.MODE)
 
@@ -291,12 +292,39 @@ class GroupedASHA(FIFOScheduler):
                 return trial
         for group, s in pbt.items():
             chosen = s.choose_trial_to_run(_GroupView(tune_controller, group))
+            if chosen is None:
+                chosen = self._stalled(trials, group, getattr(self, "population", 0))
+                if chosen is not None:
+                    _say_released(chosen, group)
             if chosen is not None:
                 return chosen
         for trial in trials:
             if trial.status == Trial.PAUSED and self._pbt_group(trial, pbt) is None:
                 return trial
         return None
+
+    @staticmethod
+    def _stalled(trials: list, group: Group, population: int) -> Optional[Trial]:
+        """A population that PBT can no longer move: all its members exist, some wait (PAUSED or
+        PENDING) and none runs, so no report will ever reach the synchronisation point they wait
+        for. (While members are still to come, the waiting ones wait for them.) That only happens
+        after ``sweep --resume``: Tune does not save schedulers, so the restored PBT starts
+        with no record of the members' progress, and a member that had passed a perturbation point
+        before the interruption finishes without reporting at it again (its final report never
+        reaches PBT). The member that has trained least goes on with its own config (that
+        perturbation point is skipped, no member trains longer than its trial)."""
+        members = [t for t in trials if GroupedASHA._group(t) == group]
+        if len(members) < population or any(t.status == Trial.RUNNING for t in members):
+            return None
+        waiting = [t for t in members if t.status in (Trial.PAUSED, Trial.PENDING)]
+        return min(waiting, key=lambda t: (t.last_result or {}).get("training_iteration", 0), default=None)
+
+    @staticmethod
+    def _group(trial) -> Optional[Group]:
+        try:
+            return group_of(trial.config)
+        except KeyError:
+            return None
 
     @staticmethod
     def _pbt_group(trial, pbt: dict) -> Optional[Group]:
@@ -325,6 +353,14 @@ class GroupedASHA(FIFOScheduler):
         return "; ".join(f"{t}/{m}: {s.debug_string()}" for (t, m), s in self.schedulers.items())
 
 
+def _say_released(trial, group: Group) -> None:
+    import sys
+
+    print(f"tune-dynsdpb: {group[0]}/{group[1]}: after the resume, member {trial.trial_id} goes on with its own "
+          "alpha0/tau0 past a perturbation point its population had not reached together before the interruption "
+          "(Tune keeps no scheduler state across a resume)", file=sys.stderr, flush=True)
+
+
 def create_searcher(spec: SweepSpec, groups: list[Group], storage=None) -> RoundRobinSearcher:
     """Optuna proposes every trial's starting point, a pbt population's included (its α0/τ0 from
     ``params.pbt``, its learning rate and common params as in any arm); a pbt group's population
@@ -339,7 +375,8 @@ def create_scheduler(spec: SweepSpec, groups: list[Group]) -> GroupedASHA:
     return GroupedASHA({g: create_pbt(spec) if g[1] == "pbt" else
                         ASHAScheduler(time_attr="training_iteration", max_t=max_reports(spec),
                                       grace_period=spec.budget.grace_period,
-                                      reduction_factor=spec.budget.reduction_factor) for g in groups})
+                                      reduction_factor=spec.budget.reduction_factor) for g in groups},
+                       population=spec.budget.num_samples)
 
 
 def learned_schedule(checkpoint: str) -> Optional[list]:
@@ -392,8 +429,14 @@ def replay_config(best: dict) -> dict:
     """The config that re-runs an arm's best trial (``compare``'s finals): its config, and for a
     pbt arm the learned schedule, which the trainer then follows from step 0 (dlb's loss; the
     schedule fixed, no population)."""
+    from .errors import UserError
+    from .params import check_value
+
     config = dict(best["config"])
     if best.get("schedule"):
+        problem = check_value("schedule", best["schedule"])  # e.g. a hand-edited sweep.json
+        if problem:
+            raise UserError(f"sweep.json: the {config.get(R.METHOD)} arm's best.schedule: {problem}")
         config["schedule"] = [list(e) for e in best["schedule"]]
     return config
 
