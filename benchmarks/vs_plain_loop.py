@@ -80,7 +80,7 @@ def plain_loop(spec: dict, data_dir: str, trials: int, max_train: int | None) ->
     train, evals = tokenize_task(task, tokenizer, spec["max_length"], cache_dir=work)
     metric = f"eval_{task.metric}"
     best = {}
-    for method in spec["methods"]:
+    for method in loop_methods(spec):
         def objective(trial):
             kw = {**suggest(trial, spec["params"], method), **spec.get("training", {})}
             batch = int(kw.pop("per_device_train_batch_size"))
@@ -105,16 +105,22 @@ def plain_loop(spec: dict, data_dir: str, trials: int, max_train: int | None) ->
         best[method] = study.best_value
         print(f"  loop {method}: best {metric} {study.best_value:.4f} of {[round(t.value, 4) for t in study.trials]}",
               flush=True)
-    return {"best": best, "trials": trials * len(spec["methods"])}
+    return {"best": best, "trials": trials * len(loop_methods(spec))}
 
 
-def sweep(data_dir: str, trials: int, max_train: int | None) -> dict:
+def loop_methods(spec: dict) -> list[str]:
+    """The quickstart's arms a plain loop can run: a hand-written Optuna loop has no PBT population,
+    so the pbt arm is left out on both sides."""
+    return [m for m in spec["methods"] if m != "pbt"]
+
+
+def sweep(spec: dict, data_dir: str, trials: int, max_train: int | None) -> dict:
     """``tune-dynsdpb sweep search_spaces/quickstart.yaml``, one command; each arm's best from its state."""
     from tune_dynsdpb.state import open_sweep
 
     out = Path(tempfile.mkdtemp(prefix="qs-")) / "qs"
     cmd = ["tune-dynsdpb", "sweep", str(SPACE), "--data-dir", data_dir, "--output-dir", str(out),
-           "--set", f"budget.num_samples={trials}"] + (["--set", f"max_train_samples={max_train}"] if max_train else [])
+           "--methods", *loop_methods(spec), "--set", f"budget.num_samples={trials}"] + (["--set", f"max_train_samples={max_train}"] if max_train else [])
     print("  $ " + " ".join(cmd), flush=True)
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r")}
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -142,14 +148,14 @@ def main() -> None:
     trials = a.trials or spec["budget"]["num_samples"]
     figures = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).is_file() and a.part != "both" else {}
     figures.update(args={**figures.get("args", {}), a.part: vars(a)}, cpus=os.cpu_count())
-    print(f"{len(spec['methods'])} arms × {trials} trials, {spec['task']}, {spec['model']}, "
+    print(f"{len(loop_methods(spec))} arms × {trials} trials, {spec['task']}, {spec['model']}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     if a.part in ("both", "loop"):
         out, t = timed(lambda: plain_loop(spec, a.data_dir, trials, a.max_train_samples))
         figures["loop"] = {**out, **t}
         print(f"  loop: wall {t['wall_s']:.1f} s; machine busy {t['machine_busy']:.0%}", flush=True)
     if a.part in ("both", "sweep"):
-        out, t = timed(lambda: sweep(a.data_dir, trials, a.max_train_samples))
+        out, t = timed(lambda: sweep(spec, a.data_dir, trials, a.max_train_samples))
         figures["sweep"] = {**out, **t}
         print(f"  sweep: wall {t['wall_s']:.1f} s; machine busy {t['machine_busy']:.0%}; best {out['best']}")
     if "loop" in figures and "sweep" in figures:
