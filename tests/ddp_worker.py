@@ -122,13 +122,16 @@ def run(args, out: Path) -> None:
     model_dir = helpers.write_tiny_bert(out / f"model_rank{os.environ['RANK']}")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    config = DynSDPBConfig(
-        output_dir=str(out / "trainer"), method="dynsdpb", per_device_train_batch_size=args.batch_size,
-        max_steps=args.max_steps, use_cpu=True, ddp_backend="gloo", logging_steps=1, report_to=[],
-        save_strategy="no", learning_rate=args.learning_rate, seed=args.seed, disable_tqdm=True)
+    def create_trainer(method: str, folder: str, model, rec):
+        config = DynSDPBConfig(
+            output_dir=str(out / folder), method=method, per_device_train_batch_size=args.batch_size,
+            max_steps=args.max_steps, use_cpu=True, ddp_backend="gloo", logging_steps=1, report_to=[],
+            save_strategy="no", learning_rate=args.learning_rate, seed=args.seed, disable_tqdm=True)
+        return DynSDPBTrainer(model=model, args=config, train_dataset=make_classification(tok, args.samples),
+                              data_collator=DataCollatorWithPadding(tok), callbacks=[rec])
+
     rec = Logs()
-    trainer = DynSDPBTrainer(model=model, args=config, train_dataset=make_classification(tok, args.samples),
-                             data_collator=DataCollatorWithPadding(tok), callbacks=[rec])
+    trainer = create_trainer("dynsdpb", "trainer", model, rec)
     assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
     rank = trainer.args.process_index
     write(out, f"control_rank{rank}.json", control(trainer, args.samples, args.batch_size, args.seed))
@@ -164,13 +167,8 @@ def run(args, out: Path) -> None:
 
     # The same start, data and seed with dlb: dynsdpb at its default (non-zero) rates must differ
     dlb_model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    dlb_config = DynSDPBConfig(
-        output_dir=str(out / "trainer-dlb"), method="dlb", per_device_train_batch_size=args.batch_size,
-        max_steps=args.max_steps, use_cpu=True, ddp_backend="gloo", logging_steps=1, report_to=[],
-        save_strategy="no", learning_rate=args.learning_rate, seed=args.seed, disable_tqdm=True)
     dlb_rec = Logs()
-    dlb_trainer = DynSDPBTrainer(model=dlb_model, args=dlb_config, train_dataset=make_classification(tok, args.samples),
-                                 data_collator=DataCollatorWithPadding(tok), callbacks=[dlb_rec])
+    dlb_trainer = create_trainer("dlb", "trainer-dlb", dlb_model, dlb_rec)
     dlb_trainer.train()
     dlb_digest = hashlib.sha256()
     for p in dlb_trainer.accelerator.unwrap_model(dlb_trainer.model).parameters():

@@ -150,3 +150,35 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def start_sweep(spec: Path, data_dir: Path, out: Path, env: dict):
+    """``tune-dynsdpb sweep SPEC`` as a driver process in its own process group (stderr piped)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
+           "--output-dir", str(out), "--no-progress"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def signal_driver(proc, sig) -> tuple[int, str]:
+    """Sends ``sig`` to the driver, waits for it, then SIGKILLs its group (whatever Ray left behind);
+    returns (exit status, stderr)."""
+    import contextlib
+    import os
+    import signal
+
+    try:
+        with contextlib.suppress(ProcessLookupError):  # (it ended by itself)
+            os.kill(proc.pid, sig)
+        code = proc.wait(timeout=180)
+        err = proc.stderr.read()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return code, err

@@ -347,7 +347,7 @@ def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_be
     import yaml
 
     import guards
-    from helpers import wait_for
+    from helpers import signal_driver, start_sweep, wait_for
 
     d = raw(model=str(tiny_bert), name="pbtresume", grace_period=2)
     d["methods"] = ["dlb", "pbt"]
@@ -356,22 +356,12 @@ def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_be
     spec.write_text(yaml.safe_dump(d))
     out = tmp_path / "sweep"
     env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
-           "--output-dir", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_sweep(spec, data_dir, out, env)
     try:
         wait_for(lambda: proc.poll() is not None or _pbt_checkpoint(out), 300, "a pbt member's checkpoint")
         assert proc.poll() is None, "the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:]
-        os.kill(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=180)
-        err = proc.stderr.read()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        code, err = signal_driver(proc, signal.SIGINT)
     assert code == 130, err[-2000:]
     assert json.loads((out / "sweep.json").read_text())["status"] == "interrupted"
     resumed = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", "--resume", "--output-dir",

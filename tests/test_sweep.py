@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import guards
+import helpers
 from sweeps import check_tree, client_for, runs_by_role, spec_file
 
 pytestmark = pytest.mark.slow
@@ -200,21 +201,11 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
                                         "num_train_epochs": 4, "per_device_train_batch_size": 16}})
     out = tmp_path / "sweep"
     env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
-           "--output-dir", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = helpers.start_sweep(spec, data_dir, out, env)
     try:
         _wait_for_finished_trials(out, name, proc, 1)
-        os.kill(proc.pid, sig)
-        code = proc.wait(timeout=180)
-        err = proc.stderr.read()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        code, err = helpers.signal_driver(proc, sig)
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
     else:
