@@ -294,13 +294,16 @@ def _no_progress_bars():
     saved, was = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"), hf_logging.is_progress_bar_enabled()
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     hf_logging.disable_progress_bar()
-    hub_notes = logging.getLogger("mlflow.transformers")  # "no model card / license on the hub": a local model
-    level = hub_notes.level
-    hub_notes.setLevel(logging.ERROR)
+    # "no model card / license on the hub" (a local model); "waiting up to 300 s for the version"
+    notes = [logging.getLogger(n) for n in ("mlflow.transformers", "mlflow.store.model_registry.abstract_store")]
+    levels = [n.level for n in notes]
+    for n in notes:
+        n.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        hub_notes.setLevel(level)
+        for n, level in zip(notes, levels):
+            n.setLevel(level)
         if saved is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
         else:
