@@ -102,6 +102,15 @@ async def shoot():
                         sys.exit(f"screenshots: {method}: {data['error']}")
                     return data.get("result", {})
 
+        CLOSE_ASSISTANT = """(() => {
+            if (!document.querySelector('[placeholder^="Ask a question"]')) return false;
+            const close = [...document.querySelectorAll('button')].filter(b => {
+                const r = b.getBoundingClientRect();
+                return /close/i.test(b.getAttribute('aria-label') || '') && r.left > innerWidth * 0.6 && r.top < 120;
+            });
+            if (close.length) close[close.length - 1].click();
+            return true;
+        })()"""
         await cdp("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
         await cdp("Page.addScriptToEvaluateOnNewDocument", source=(
             "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
@@ -112,7 +121,10 @@ async def shoot():
         while time.monotonic() < end:  # the trials and their columns on the page, and the page settled
             text = (await cdp("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
                               returnByValue=True))["result"].get("value", "")
-            panel = "Ask a question" in text  # the open Assistant panel's input box (its button stays)
+            # the open Assistant panel: its input box (a placeholder, not in innerText); if open, its
+            # close button (top right of the page) is clicked
+            panel = (await cdp("Runtime.evaluate", returnByValue=True, expression=CLOSE_ASSISTANT))["result"].get(
+                "value", False)
             if all(w in text for w in want) and not panel and text == last:
                 break
             last = text
