@@ -33,9 +33,10 @@ done
 [ -n "$up" ] || { echo "screenshots: mlflow ui did not start: $(tail -n 1 "$log")" >&2; exit 1; }
 
 # The MLflow page, driven over the DevTools protocol (aiohttp's websocket client) in a fresh profile:
-# the page's own state says the Assistant panel was shown once and is closed (the UI opens it by
-# itself on a first visit to a local server); then the sweep's saved trial view, in the
-# model-training view; the screenshot is taken once the trials and their columns are on the page.
+# the sweep's saved trial view, in the model-training view; the Assistant panel (the UI opens it by
+# itself on a first visit to a local server, whatever its stored setting says) is closed by its
+# close button; the screenshot is taken once the trials and their columns are on the page and the
+# panel's input box is gone.
 "$py" - "$browser" "$port" "$sweep" "$out/mlflow-runs.png" "$work" <<'PY'
 import asyncio, base64, json, pathlib, subprocess, sys, time, urllib.request
 
