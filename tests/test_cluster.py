@@ -112,7 +112,9 @@ def remove_a_node():
                 workers, busy = training_on(node)
                 if busy:
                     cluster.remove_node(node, allow_graceful=False)
-                    time.sleep(3)  # the node's workers notice their raylet is gone and exit
+                    gone_by = time.time() + 10  # the node's workers notice their raylet is gone and exit
+                    while any(w.is_running() for w in workers) and time.time() < gone_by:
+                        time.sleep(0.1)
                     removed.append({{"workers_left": sum(w.is_running() for w in workers)}})
                     return
         time.sleep(0.05)
