@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -117,3 +118,21 @@ def test_a_loosened_bound_is_followed_too(monkeypatch, data_dir, tmp_path, capsy
     assert DynSDPBConfig(output_dir=str(tmp_path), alpha0=-0.5, report_to=[]).alpha0 == -0.5
     code, err = run_train(capsys, tmp_path, data_dir, "--alpha0=-0.5")
     assert err.startswith("tune-dynsdpb: error: --model: no such model folder")
+
+
+def test_the_docs_table_lists_every_parameter_as_params_defines_it():
+    """docs/method.md's table of knobs: a row per parameter, with params.py's default and rule."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    rows = {m[0]: (m[1].strip(), m[2].strip()) for m in re.findall(r"^\| `(\w+)` \|([^|]*)\|(.*)\|$", text, re.M)}
+    for name, p in params.PARAMS.items():
+        assert name in rows, f"docs/method.md has no row for {name}"
+        default, allowed = rows[name]
+        want = f"`{p.default}`" if p.type is str else "`()`" if p.default == () else str(p.default)
+        assert default == want, (name, default, want)
+        if p.choices is not None:
+            assert all(f"`{c}`" in allowed for c in p.choices), (name, allowed)
+        elif p.type in (float, int):
+            rule = p.rule.removeprefix("in ").replace(">=", "≥").replace("<=", "≤").replace("-", "−")
+            assert allowed.startswith(rule), (name, allowed, rule)
