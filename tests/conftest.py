@@ -148,13 +148,7 @@ def ray_session():
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_TMPDIR", tmp)
     mp.setenv("RAY_AUTH_MODE", "disabled")
-    tests = Path(__file__).resolve().parent
-    # Tune's trial actors, Train's controller and workers import test modules by name (cloudpickle
-    # pickles module-level functions by reference): give them tests/ and the root
-    env = {"PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]),
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # the Train controller polls reports every 2 s
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}  # fewer processes
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    helpers.init_ray(tmp)
     yield
     ray.shutdown()
     mp.undo()

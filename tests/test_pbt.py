@@ -168,18 +168,35 @@ class TrainLog:
         self._write("eval", args, state, model)
 
 
+def install_train_log() -> None:
+    """Ray's worker_process_setup_hook for the pbt sweep below: every DynSDPBTrainer a worker builds
+    gets a :class:`TrainLog` writing to ``$TRAIN_LOG`` (test plumbing stays out of the product)."""
+    import os
+
+    from tune_dynsdpb.trainer import DynSDPBTrainer
+
+    path, init = os.environ["TRAIN_LOG"], DynSDPBTrainer.__init__
+
+    def with_log(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(TrainLog(path))
+
+    DynSDPBTrainer.__init__ = with_log
+
+
 @pytest.fixture(scope="module")
 def pbt_sweep(ray_session, tiny_bert, data_dir, tmp_path_factory):
     """dlb, dlb_warmup, dynsdpb and pbt in one Tune experiment (sweep.run_sweep as the CLI runs it):
-    pbt's population of 2 perturbs α0/τ0 once, after the first of its 2 evaluations."""
-    import sys
+    pbt's population of 2 perturbs α0/τ0 once, after the first of its 2 evaluations. The session's
+    Ray is restarted for it with :func:`install_train_log` as the workers' setup hook."""
+    import os
 
     import ray
     import yaml
 
+    import helpers
     from tune_dynsdpb.sweep import run_sweep
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # TrainLog, into the workers
     tmp = tmp_path_factory.mktemp("pbt-sweep")
     d = raw(model=str(tiny_bert), name="pbt", grace_period=2)
     d["task"] = "sst2"
@@ -188,8 +205,14 @@ def pbt_sweep(ray_session, tiny_bert, data_dir, tmp_path_factory):
     spec.write_text(yaml.safe_dump(d))
     out = tmp / "out"
     log = tmp / "train.jsonl"
-    state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False,
-                      trainer_callbacks=[TrainLog(str(log))])
+    ray.shutdown()
+    helpers.init_ray(os.environ["RAY_TMPDIR"], env={"TRAIN_LOG": str(log)},
+                     setup_hook=f"{__name__}.install_train_log")
+    try:
+        state = run_sweep(spec, output_dir=out, data_dir=str(data_dir), progress=False)
+    finally:
+        ray.shutdown()
+        helpers.init_ray(os.environ["RAY_TMPDIR"])  # the session's Ray, as the other tests expect it
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return SimpleNamespace(out=out, state=state, client=client_for(f"sqlite:///{out}/mlflow.db"), log=rows)
 
