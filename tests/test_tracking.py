@@ -3,6 +3,7 @@ that drops out, and the run tree of a real sweep (real trainable, real Ray, real
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -456,3 +457,54 @@ def test_real_sweep_diverging_trial_is_failed_and_never_best(ray_session, tiny_b
     assert arm.counts.get("FAILED") == 1 and len(arm.failures) == 1 and DIVERGED.fullmatch(arm.failures[0])
     assert arm.best is not None and arm.best.config["learning_rate"] == 1e-3  # the other trial
     assert arm.best.run_id != failed.info.run_id
+
+
+def test_writes_a_killed_driver_had_queued_are_backfilled_from_result_json(tmp_path, caplog):
+    """A driver SIGKILLed with writes queued: trial A's run is complete, B's has steps 2 and 4 and is
+    still RUNNING, C has no run (Tune had ended both). After the resumed experiment, ``backfill``
+    reads each trial's ``result.json`` (as Tune's results point to it): B gets steps 6 and 8 and its
+    end, C a run with all four steps; A is left alone; every step once, a warning for B and C."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    uri = default_tracking_uri(tmp_path)
+    tracker = SweepTracker(uri, "backfill", "bf1")
+    tracker.start_sweep({})
+    group = ("rte", "dlb")
+    tracker.start_arm(*group)
+    config = {R.TASK: "rte", R.METHOD: "dlb", "learning_rate": 0.001}
+
+    def rows(trial):
+        return [{R.STEP: s, "eval_loss": 1.0 / s, "trial_id": trial, "training_iteration": i + 1, "config": config,
+                 R.FINAL: s == 8, "done": s == 8} for i, s in enumerate([2, 4, 6, 8])]
+
+    killed = _Writer(uri, tracker.experiment_id, "bf1", {group: tracker.arm_run(*group)})
+    for trial, upto in (("A", 4), ("B", 2)):
+        killed.put(("start", trial, group, {"learning_rate": "0.001"}))
+        for r in rows(trial)[:upto]:
+            killed.put(("metrics", (trial, group), metrics_of(r, 1_000_000)[1], r[R.STEP]))
+    killed.put(("end", "A", group, {}, "FINISHED"))
+    assert killed.flush(60)
+
+    grid = []
+    for trial in "ABC":
+        folder = tmp_path / "ray" / f"train_{trial}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows(trial)))
+        grid.append(SimpleNamespace(metrics=rows(trial)[-1], config=config, error=None, path=str(folder),
+                                    filesystem=pyarrow.fs.LocalFileSystem()))
+    caplog.set_level(logging.WARNING, logger="tune_dynsdpb.tracking")
+    tracker.trial_callback([group]).backfill(grid)  # the resumed driver's own writer
+
+    c = MlflowClient(uri)
+    runs = {r.data.tags["ray.trial_id"]: r for r in tracker.trial_runs()}
+    assert set(runs) == {"A", "B", "C"}
+    for trial, run in runs.items():
+        assert run.info.status == "FINISHED", trial
+        assert [m.step for m in sorted(c.get_metric_history(run.info.run_id, R.STEP), key=lambda m: m.step)] == \
+            [2, 4, 6, 8], trial
+        assert TAG_ATTEMPTS not in run.data.tags
+    assert runs["C"].data.params["learning_rate"] == "0.001" and runs["C"].info.run_name == "rte · dlb · trial 3"
+    warned = sorted(r.getMessage().split(":")[0] for r in caplog.records if "result.json" in r.getMessage())
+    assert warned == ["trial B", "trial C"]

@@ -210,7 +210,10 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
             groups = order_groups(tasks, run.spec.methods)
             tracker = start_tracking(run, tasks, groups)
             grid = run_experiment(run, tasks, groups, tracker, progress)
-            record_outcomes(run, grid, groups, tracker)
+            try:
+                record_outcomes(run, grid, groups, tracker)
+            except KeyboardInterrupt:
+                raise interrupted(run) from None
     if progress:
         print_summary(run.state, run.out)
     return run.state
@@ -308,15 +311,20 @@ def run_experiment(run: _Sweep, tasks: dict, groups: list, tracker, progress: bo
     except KeyboardInterrupt:  # Tune returned early and saved its state
         callback.flush()
         table.close()
-        _mirror_journal(run)
-        state.status = "interrupted"
-        state.save(run.out)
-        raise KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume "
-                                f"--output-dir {run.out}") from None
+        raise interrupted(run) from None
     finally:
         table.close()
     callback.flush()
     return grid
+
+
+def interrupted(run: _Sweep) -> KeyboardInterrupt:
+    """The sweep stopped by Ctrl-C or SIGTERM (during the experiment, or while its outcomes were being
+    recorded): its state says so, and the error says how to continue."""
+    _mirror_journal(run)
+    run.state.status = "interrupted"
+    run.state.save(run.out)
+    return KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume --output-dir {run.out}")
 
 
 def _mirror_journal(run: _Sweep) -> None:
@@ -330,6 +338,7 @@ def record_outcomes(run: _Sweep, grid, groups: list, tracker) -> None:
     for n, m in groups:
         state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
     outcomes = collect_outcomes(grid, state)
+    tracker.trial_callback(groups).backfill(grid)  # what a killed driver had queued and not written
     tracker.delete_orphans({o["trial_id"] for o in outcomes})
     _close_orphan_studies(run.spec, groups, run.journal)
     for arm in state.arms.values():

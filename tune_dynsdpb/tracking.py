@@ -48,6 +48,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import mlflow.transformers
@@ -569,6 +570,10 @@ class _Writer:
                 self._write_all(todo)
                 op[1].set()
                 continue
+            if kind == "backfill":  # ("backfill", id, group, params, reports, tags, status)
+                self._write_all(todo)
+                self._backfill(*op[1:])
+                continue
             # ("start", id, group, params) ("metrics", (id, group), metrics, step) ("tags", id, group, tags)
             # ("end", id, group, tags, status)
             trial_id, group = op[1] if kind == "metrics" else op[1:3]
@@ -632,6 +637,19 @@ class _Writer:
         if p.status is not None:
             self._retry(lambda: self.client.set_terminated(run_id, p.status))
             self.running.discard(trial_id)
+
+    def _backfill(self, trial_id: str, group: tuple, params: dict, reports: list, tags: dict, status: str) -> None:
+        """A trial Tune ended whose run misses reports or its end (a driver killed while writes were
+        queued): the reports after the last step its run has, then its end. Said on stderr."""
+        run_id = self._retry(lambda: self._run(trial_id, group))
+        missing = [(step, metrics) for step, metrics in reports if step > self.last_step[trial_id]]
+        if not missing and trial_id not in self.running:
+            return
+        log.warning("trial %s: %d report(s) or its end were missing from its MLflow run %s (the driver stopped with "
+                    "writes queued); logged now from its result.json", trial_id, len(missing), run_id)
+        p = _Pending(group)
+        p.params, p.reports, p.tags, p.status = params, missing, tags, status
+        self._write(trial_id, p)
 
     def _run(self, trial_id: str, group: tuple) -> str:
         if trial_id not in self.runs:
@@ -699,15 +717,7 @@ class MLflowTrialCallback(Callback):
         self.writer.put(("metrics", (trial.trial_id, self._group(trial)), metrics, step))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        outcome = R.classify(last)
-        tags = {}
-        if outcome is R.Outcome.FAILED:
-            tags[TAG_FAILURE] = str(R.failure_reason(last))
-        elif outcome is R.Outcome.STOPPED:
-            tags[TAG_STOPPED_BY] = "scheduler"
-        status = {R.Outcome.FINISHED: "FINISHED", R.Outcome.STOPPED: "KILLED", R.Outcome.FAILED: "FAILED"}[outcome]
-        self.writer.put(("end", trial.trial_id, self._group(trial), tags, status))
+        self.writer.put(("end", trial.trial_id, self._group(trial), *_end_of(trial.last_result or {})))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.writer.put(("tags", trial.trial_id, self._group(trial),
@@ -718,6 +728,42 @@ class MLflowTrialCallback(Callback):
 
     def on_experiment_end(self, trials, **info):
         self.flush()
+
+    def backfill(self, grid) -> None:
+        """After the experiment: every trial of ``grid`` (Tune's results) whose run the writer did not
+        see end in this process (a resumed driver) gets what its run misses from its ``result.json``:
+        a driver killed before its queued writes went out loses no trial run and no report."""
+        w = self.writer
+        w.flush()
+        for result in grid:
+            last = result.metrics or {}
+            trial_id = last.get("trial_id")
+            if not trial_id or (trial_id in w.runs and trial_id not in w.running):
+                continue
+            try:
+                with result.filesystem.open_input_stream(f"{result.path}/result.json") as f:
+                    rows = [json.loads(line) for line in f.readall().decode().splitlines() if line.strip()]
+            except FileNotFoundError:
+                rows = []
+            reports = [metrics_of(r, int(time.time() * 1000)) for r in rows]
+            if result.error is not None:
+                end = ({TAG_ERROR: one_line(result.error)[:5000]}, "FAILED")
+            else:
+                end = _end_of(last)
+            group = self._group(SimpleNamespace(config=result.config))
+            w.put(("backfill", trial_id, group, params_of(result.config or {}), reports, *end))
+        w.flush()
+
+
+def _end_of(last: dict) -> tuple[dict, str]:
+    """A trial run's end tags and status, from its last report (:func:`tune_dynsdpb.results.classify`)."""
+    outcome = R.classify(last)
+    tags = {}
+    if outcome is R.Outcome.FAILED:
+        tags[TAG_FAILURE] = str(R.failure_reason(last))
+    elif outcome is R.Outcome.STOPPED:
+        tags[TAG_STOPPED_BY] = "scheduler"
+    return tags, {R.Outcome.FINISHED: "FINISHED", R.Outcome.STOPPED: "KILLED", R.Outcome.FAILED: "FAILED"}[outcome]
 
 
 def error_line(trial) -> str:
