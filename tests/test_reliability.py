@@ -573,3 +573,28 @@ def test_a_reused_trial_actor_hands_freed_memory_back():
     held = rss()
     release_memory()
     assert held - rss() > 200 * 2**20
+
+
+def test_every_row_names_tests_that_exist():
+    """Each row of docs/reliability.md names its tests as ``file::test`` (``rel::`` is this file,
+    a bare ``[param]`` repeats the previous test); every one of them is a test function here."""
+    import ast
+
+    root = Path(__file__).resolve().parent
+    rows = [line for line in (root.parent / "docs" / "reliability.md").read_text().splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 69
+    defined: dict[str, set] = {}
+    missing = []
+    for line in rows:
+        last = line.rstrip(" |").rsplit("|", 1)[-1]
+        refs = re.findall(r"([\w]+)::(test_\w+)", last)
+        assert refs, line[:80]
+        for module, test in refs:
+            module = "test_reliability" if module == "rel" else module
+            if module not in defined:
+                tree = ast.parse((root / f"{module}.py").read_text())
+                defined[module] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+            if test not in defined[module]:
+                missing.append((line.split("|")[1].strip(), f"{module}::{test}"))
+    assert not missing
