@@ -74,8 +74,11 @@ def alive(svc: dict) -> bool:
 
 
 def signal_service(svc: dict, sig: int) -> None:
+    """``sig`` to the service's process group, or to its leader alone where the service says so
+    (`ray start --block` drains and stops its node's processes itself within seconds; a SIGTERM to
+    its whole group kills them under it, and it then waits 30 s for a drain that cannot happen)."""
     try:
-        if svc.get("pgid"):
+        if svc.get("pgid") and not (sig != signal.SIGKILL and svc.get("signal_leader")):
             os.killpg(svc["pgid"], sig)
         else:
             os.kill(svc["pid"], sig)
@@ -372,7 +375,7 @@ def start_ray(st: dict, d: Path, name: str) -> dict:
                f"--temp-dir={st['sockets']}", *common]
     else:
         cmd = [ray_cmd(), "start", f"--address=127.0.0.1:{st['ports']['ray']}", *common]
-    return spawn(cmd, d / "logs" / f"{name}.log", service_env(st), cwd=d)
+    return {**spawn(cmd, d / "logs" / f"{name}.log", service_env(st), cwd=d), "signal_leader": True}
 
 
 def ray_nodes_alive(st: dict) -> int:

@@ -133,19 +133,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_process_group(proc, timeout: float = 15) -> None:
+def stop_process_group(proc, timeout: float = 15, leader: bool = False) -> None:
     """Stops a process started with ``start_new_session=True`` and every process it forked:
-    SIGTERM to the group, SIGKILL if it is still there after ``timeout`` seconds."""
+    SIGTERM to the group (``leader``: to the process alone, for `ray start --block`, which stops its
+    node's processes itself and waits 30 s for a drain when they die under it), SIGKILL to the
+    group if the process is still there after ``timeout`` seconds, and to what it left behind."""
     import os
     import signal
     import subprocess
 
-    os.killpg(proc.pid, signal.SIGTERM)
+    if leader:
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
@@ -168,6 +177,33 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_for_finished_trials(storage_path: str, proc, n: int = 1, timeout: float = 300) -> None:
+    """Until ``n`` trials have sent their last report (its ``final`` key) to the ``result.json``
+    files under ``storage_path`` (a folder or a URI), which Tune writes as each report arrives.
+    (MLflow, written in turns of up to 5 s, may show the first finished trial only when a small
+    sweep is nearly over: a signal sent then comes too late.) Fails if ``proc`` ends first."""
+    import json
+
+    import pytest
+
+    from tune_dynsdpb import results as R
+    from tune_dynsdpb import storage
+
+    def finished() -> bool:
+        if proc.poll() is not None:
+            pytest.fail("the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:])
+        done = 0
+        for f in storage.find(str(storage_path), "result.json"):
+            lines = [line for line in storage.read_text(f).splitlines() if line.strip()]
+            try:
+                done += any(json.loads(line).get(R.FINAL) for line in lines)
+            except ValueError:  # a line being written
+                continue
+        return done >= n
+
+    wait_for(finished, timeout, f"{n} finished trial(s)", interval=0.3)
 
 
 def start_sweep(spec: Path, data_dir: Path, out: Path, env: dict):

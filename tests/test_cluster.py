@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,7 @@ def token_head(tmp_path):
 
     helpers.wait_for(up, 120, "the Ray head to take connections")
     yield f"127.0.0.1:{port}", token
-    helpers.stop_process_group(proc, timeout=30)
+    helpers.stop_process_group(proc, timeout=30, leader=True)
 
 
 def test_joining_a_token_cluster_started_in_another_process(token_head, tiny_bert, data_dir, tmp_path):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweeps import check_tree, client_for, runs_by_role, spec_dict, spec_file
+from sweeps import check_tree, client_for, runs_by_role, spec_dict
 from tune_dynsdpb.errors import UserError
 from tune_dynsdpb.search_space import parse_search_space
 

@@ -16,7 +16,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -26,7 +25,7 @@ import pytest
 
 import guards
 import helpers
-from sweeps import check_tree, client_for, runs_by_role, spec_file
+from sweeps import check_tree, client_for, spec_file
 from tune_dynsdpb import storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,21 +308,6 @@ def _start_mlflow(folder: Path):
         time.sleep(0.5)
 
 
-def _wait_for_a_finished_trial(url: str, name: str, proc, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        time.sleep(0.5)
-        if proc.poll() is not None:
-            pytest.fail("the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:])
-        try:
-            done = [r for r in runs_by_role(client_for(url), name)["trial"] if r.info.status == "FINISHED"]
-        except Exception:  # the experiment is not there yet
-            continue
-        if done:
-            return
-    pytest.fail("no trial finished in time")
-
-
 @pytest.mark.slow
 def test_a_sweep_resumed_from_the_storage_path_alone_then_compared_through_a_failing_artifact_store(
         s3, tiny_bert, data_dir, tmp_path):
@@ -340,9 +324,9 @@ def test_a_sweep_resumed_from_the_storage_path_alone_then_compared_through_a_fai
         env = {**s3["env"], "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
         uri = f"s3://{BUCKET}/resume-{uuid.uuid4().hex[:6]}"
         name = "moved"
-        spec = spec_file(tmp_path, tiny_bert, name=name, methods=["dlb", "dynsdpb"], num_samples=2, grace_period=6,
+        spec = spec_file(tmp_path, tiny_bert, name=name, methods=["dlb", "dynsdpb"], num_samples=2, grace_period=4,
                          params={"common": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
-                                            "num_train_epochs": 3, "per_device_train_batch_size": 16}})
+                                            "num_train_epochs": 2, "per_device_train_batch_size": 16}})
         old = tmp_path / "old"
         first = subprocess.Popen(
             [sys.executable, "-m", "tune_dynsdpb.cli", "sweep", str(spec), "--data-dir", str(data_dir),
@@ -351,7 +335,7 @@ def test_a_sweep_resumed_from_the_storage_path_alone_then_compared_through_a_fai
                  "RAY_AUTH_MODE": "disabled"},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            _wait_for_a_finished_trial(url, name, first)
+            helpers.wait_for_finished_trials(uri, first)
             os.kill(first.pid, signal.SIGINT)
             assert first.wait(timeout=180) == 130, first.stderr.read()[-2000:]
         finally:

@@ -16,7 +16,6 @@ import pytest
 
 import guards
 import helpers
-from tune_dynsdpb import results as R
 from sweeps import check_tree, client_for, runs_by_role, spec_file
 
 pytestmark = pytest.mark.slow
@@ -169,24 +168,6 @@ def test_crash_is_retried_from_its_checkpoint(ray_session, tiny_bert, data_dir, 
     assert state.arms["rte/dynsdpb"].counts == {"FINISHED": 2}
 
 
-def _wait_for_finished_trials(out: Path, proc, n: int, timeout: float = 300) -> None:
-    """Until ``n`` trials have sent their last report (its ``final`` key) to Tune's ``result.json``
-    files, which Tune writes as each report arrives (MLflow, written in turns of up to 5 s, can
-    show the first finished trial only when the sweep is nearly over)."""
-    def finished() -> bool:
-        if proc.poll() is not None:
-            pytest.fail("the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:])
-        done = 0
-        for f in (out / "ray").glob("*/*/result.json"):
-            try:
-                done += any(json.loads(line).get(R.FINAL) for line in f.read_text().splitlines() if line.strip())
-            except ValueError:  # a line being written
-                continue
-        return done >= n
-
-    helpers.wait_for(finished, timeout, f"{n} finished trial(s)", interval=0.2)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir, tmp_path, sig):
     """Stop the driver mid-sweep (Ctrl-C; SIGTERM as from Slurm or Kubernetes; SIGKILL), resume:
@@ -201,7 +182,7 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
     env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
     proc = helpers.start_sweep(spec, data_dir, out, env)
     try:
-        _wait_for_finished_trials(out, proc, 1)
+        helpers.wait_for_finished_trials(out / "ray", proc)
     finally:
         code, err = helpers.signal_driver(proc, sig)
     if sig == signal.SIGKILL:
