@@ -55,6 +55,41 @@ def test_use_tracking_uri_moves_http_credentials_to_mlflows_env(monkeypatch):
     assert "MLFLOW_TRACKING_USERNAME" not in os.environ and "MLFLOW_TRACKING_PASSWORD" not in os.environ
 
 
+@pytest.mark.parametrize("before", [None, "sqlite:///{tmp}/before.db"])
+def test_fluent_tracking_puts_back_what_was_set_never_a_resolved_default(before, tmp_path, monkeypatch):
+    """After the block, MLflow's fluent state is what it was: unset stays unset (a later
+    ``MlflowClient(uri)`` then registers into ``uri``, not into ``./mlflow.db``), a set URI comes back."""
+    import mlflow
+
+    from tune_dynsdpb.tracking import fluent_tracking
+
+    monkeypatch.chdir(tmp_path)
+    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(k, raising=False)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    if before:
+        before = before.format(tmp=tmp_path)
+        mlflow.set_tracking_uri(before)
+        mlflow.set_registry_uri(before)
+    try:
+        with fluent_tracking(f"sqlite:///{tmp_path}/inside.db"):
+            pass
+        assert mlflow.is_tracking_uri_set() == bool(before)
+        assert os.environ.get("MLFLOW_REGISTRY_URI") == before
+        if before:
+            assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == before
+        else:
+            other = f"sqlite:///{tmp_path}/other.db"
+            MlflowClient(other).create_registered_model("m")
+            assert MlflowClient(other, registry_uri=other).get_registered_model("m").name == "m"
+            assert not (tmp_path / "mlflow.db").exists()
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
 def test_check_tracking_uri_unwritable_sqlite_folder(tmp_path):
     check_tracking_uri(default_tracking_uri(tmp_path))
     check_tracking_uri("sqlite:///:memory:")

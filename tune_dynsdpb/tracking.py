@@ -186,7 +186,9 @@ def fluent_tracking(uri: str | None):
         yield
         return
     env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # What was *set* (None: nothing), not what the getters resolve: putting back a resolved default
+    # (``sqlite:///mlflow.db`` in the working directory) would pin it for every later client.
+    saved = (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None), env["MLFLOW_REGISTRY_URI"]
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
