@@ -360,8 +360,9 @@ def _pbt_checkpoint(out: Path) -> bool:
 def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_bert, data_dir, tmp_path):
     """Ctrl-C of the driver once a pbt member has a checkpoint (its population is then waiting at
     its first perturbation point), then `sweep --resume`: exactly the population of 2 pbt trial
-    runs in MLflow (and 2 dlb ones), none RUNNING, no member past its 8 steps. (The dlb trials keep
-    the sweep running past the interrupt; a pbt-only sweep of one epoch could end before it.)"""
+    runs in MLflow (and 2 dlb ones), none RUNNING, no member past its 8 steps. One trial runs at a
+    time, so the interrupt comes while the second member has its first half to run (with two at
+    once, the sweep could end within 3 s of the first checkpoint, before the signal)."""
     import os
     import signal
     import subprocess
@@ -374,6 +375,8 @@ def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_be
 
     d = raw(model=str(tiny_bert), name="pbtresume", grace_period=2)
     d["methods"] = ["dlb", "pbt"]
+    d["resources"] = {"cpus_per_trial": 2}  # one trial at a time: the first member's checkpoint comes
+    # while the second member is still to run its first half, well before the sweep's end
     d["training"] = {"logging_steps": LOGGING}
     spec = tmp_path / "pbtresume.yaml"
     spec.write_text(yaml.safe_dump(d))

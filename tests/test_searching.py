@@ -272,3 +272,27 @@ def test_a_report_without_objective_is_not_passed_to_optuna():
     searcher.on_trial_complete("t0", failure)
     (t,) = study(searcher, GROUPS[0]).trials
     assert t.state == TrialState.FAIL and t.value is None
+
+
+@pytest.mark.parametrize("metrics, error, ended", [
+    ({"done": True, "training_iteration": 2}, None, True),            # the function returned
+    ({"done": False, R.FINAL: True, "training_iteration": 2}, None, True),  # interrupted after its final report
+    ({"done": True, R.FINAL: False, "training_iteration": 1}, None, True),  # stopped by the scheduler
+    ({"done": False, R.FINAL: False, "training_iteration": 1}, None, False),  # cut off by the interrupt
+    ({}, RuntimeError("boom"), True),                                   # failed
+    (None, None, False),                                                # never reported
+])
+def test_a_trial_has_ended_on_done_final_or_error(metrics, error, ended):
+    """``fit_tuner`` calls a restored experiment complete when every trial has ended: a trial whose
+    final report was in when the driver was interrupted (TERMINATED, no ``done``: a restore skips
+    it) counts as ended, or its resume would end as 'interrupted' with nothing left to run."""
+    from types import SimpleNamespace
+
+    from tune_dynsdpb.tuning import complete, unfinished
+    from tune_dynsdpb.tuning import ended as has_ended
+
+    r = SimpleNamespace(metrics=None if metrics is None else {"trial_id": "t1", **metrics}, error=error)
+    assert has_ended(r) is ended
+    assert complete([r], 1) is ended and complete([r], 2) is False
+    assert unfinished([r]) == ([] if ended else [f"{'t1' if metrics is not None else '?'}@"
+                                                 f"{(metrics or {}).get('training_iteration', 0)}"])

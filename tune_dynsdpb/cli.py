@@ -13,6 +13,7 @@ Each command's module is imported when the command runs: ``compare``, ``export``
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -235,13 +236,33 @@ def _shutdown_ray() -> None:
             signal.signal(s, handler)
 
 
+def _exit_on_signal(code: int) -> None:
+    """The command's work is done and saved: a Ctrl-C or SIGTERM from now on ends the process at
+    once with the command's exit status (left to Python, it would interrupt Ray's shutdown or the
+    interpreter's exit with a traceback, and exit -2)."""
+    def end(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, end)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Run as a program (``argv`` None: the console script, ``python -m``), a Ray
+    it started is shut down before it returns, and a late Ctrl-C ends it with the command's exit
+    status (:func:`_exit_on_signal`)."""
     args = build_parser().parse_args(argv)
     if args.command in ("sweep", "compare"):  # before anything imports ray (it reads these once)
         from .experiment import set_ray_env
         set_ray_env(args.ray_address)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        if argv is None:
+            _exit_on_signal(code)
+            _shutdown_ray()
+        return code
     except UserError as e:
         return fail(str(e))
     except StoreError as e:  # a store failed midway: what was made is kept; the same command resumes

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -103,16 +104,35 @@ def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = No
         interrupted = signal.getsignal(signal.SIGINT) is before
         signal.signal(signal.SIGINT, before)
     time_up = time_budget_s is not None and time.monotonic() - start >= time_budget_s
-    if interrupted or (budget is not None and not time_up and not complete(grid, budget)):
+    if interrupted:
+        raise KeyboardInterrupt
+    if budget is not None and not time_up and not complete(grid, budget):
+        left = unfinished(grid)
+        print(f"tune-dynsdpb: Tune returned with {budget - len(list(grid)) + len(left)} of {budget} trials "
+              f"unfinished ({', '.join(left) or 'not started'})", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     return grid
 
 
+def ended(result) -> bool:
+    """Whether a trial (a ``ResultGrid`` entry) has ended: in an error, on its own, by the scheduler
+    (Tune's ``done``), or with its final report in (``final``: an interrupt can come between that
+    report and Tune's seeing the function return; the trial is then TERMINATED without ``done``,
+    and a restore skips it). An interrupt leaves running trials TERMINATED without either."""
+    metrics = result.metrics or {}
+    return result.error is not None or bool(metrics.get("done") or metrics.get(R.FINAL))
+
+
+def unfinished(grid) -> list[str]:
+    """The trials of ``grid`` that have not :func:`ended`: ``trial_id@training_iteration``."""
+    return [f"{(r.metrics or {}).get('trial_id', '?')}@{(r.metrics or {}).get('training_iteration', 0)}"
+            for r in grid if not ended(r)]
+
+
 def complete(grid, budget: int) -> bool:
-    """Whether every budgeted trial has ended on its own, by the scheduler, or in an error (an
-    interrupt leaves running trials TERMINATED without ``done``)."""
+    """Whether every budgeted trial has :func:`ended`."""
     results = list(grid)
-    return len(results) >= budget and all(r.error is not None or (r.metrics or {}).get("done") for r in results)
+    return len(results) >= budget and all(map(ended, results))
 
 
 def checkpoint_uri(checkpoint, storage_path: str) -> str:
