@@ -60,6 +60,30 @@ def test_a_second_driver_on_a_leased_storage_path_exits_2_and_a_stale_lease_is_t
 
 
 # -- the storage module on a local folder (fast) ---------------------------------------------------
+def test_the_journal_is_mirrored_whenever_tune_saves_the_experiment_state(tmp_path):
+    """Tune saves the searchers' state, then asks each callback for its state, then syncs both to the
+    storage path: the journal mirrored at that moment is at least as new as the stored searchers
+    (a driver SIGKILLed between a searcher's new trial and that trial's start, then resumed from
+    storage, once found a searcher whose Optuna trial its journal lacked: 'Record does not exist.')."""
+    from ray.tune.callback import CallbackList
+
+    from tune_dynsdpb.state import JOURNAL_FILE
+    from tune_dynsdpb.tuning import JournalMirror
+
+    local, remote = tmp_path / "optuna.journal", tmp_path / "storage"
+    remote.mkdir()
+    local.write_text('{"op_code": 0}\n')
+    JournalMirror.current = (str(local), str(remote))
+    try:
+        CallbackList([JournalMirror()]).save_to_dir(str(tmp_path / "staging"))  # as TuneController.save_to_dir
+        assert (remote / JOURNAL_FILE).read_text() == local.read_text()
+        local.write_text(local.read_text() + '{"op_code": 4}\n')  # a new trial; the next save carries it
+        CallbackList([JournalMirror()]).save_to_dir(str(tmp_path / "staging"))
+        assert (remote / JOURNAL_FILE).read_text() == local.read_text()
+    finally:
+        JournalMirror.current = None
+
+
 def test_storage_functions_on_a_local_folder(tmp_path):
     root = str(tmp_path / "store")
     assert not storage.is_uri(root) and storage.is_uri("s3://b/x") and not storage.is_uri("file:///x")

@@ -196,10 +196,15 @@ class CheckpointPruner(tune.Callback):
 
 
 class JournalMirror(tune.Callback):
-    """Uploads the driver's Optuna journal to the storage path as trials start and end, and every
-    ``period_s`` seconds, so that another machine can take the sweep over. Holds nothing (Tune
-    pickles it, and a restored sweep may run from another folder): the driver sets
-    :attr:`current` to ``(local journal, storage path)``."""
+    """Uploads the driver's Optuna journal to the storage path whenever Tune saves the experiment
+    state, as trials start and end, and every ``period_s`` seconds, so that another machine can
+    take the sweep over. Holds nothing (Tune pickles it, and a restored sweep may run from another
+    folder): the driver sets :attr:`current` to ``(local journal, storage path)``.
+
+    The upload at each save (:meth:`get_state`, which Tune calls after it has saved the searchers'
+    state and before it syncs that state to storage) keeps the stored journal at least as new as
+    the stored searchers: a searcher restored on another machine never refers to an Optuna trial
+    that its journal lacks (Optuna's ``KeyError: 'Record does not exist.'`` at the first report)."""
 
     current: "tuple[str, str] | None" = None
     period_s = 30.0
@@ -215,6 +220,10 @@ class JournalMirror(tune.Callback):
         local, storage_path = JournalMirror.current
         if os.path.exists(local):
             mirror(storage_path, JOURNAL_FILE, local=local)
+
+    def get_state(self) -> None:
+        self._upload()
+        return None  # nothing to restore
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._upload()
