@@ -44,8 +44,10 @@ def spec_file(tmp_path: Path, model: Path, name="e2e", **kw) -> Path:
 
 
 def client_for(uri):
+    """A client of ``uri`` for tracking and registry alike (without ``registry_uri``, MLflow takes a
+    registry URI that any earlier code in this process set globally)."""
     from mlflow import MlflowClient
-    return MlflowClient(uri)
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def runs_by_role(client, experiment_name) -> dict[str, list]:
