@@ -46,6 +46,7 @@ def test_train_writes_metrics_and_a_loadable_model(data_dir, tiny_bert, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
 
 
+@pytest.mark.slow  # a new interpreter importing torch and transformers: not the in-process fast lane
 def test_console_script_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "train", "--task", "nope", "--model", "x",
                            "--output-dir", str(tmp_path / "o")], capture_output=True, text=True)

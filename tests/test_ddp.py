@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two processes under torch.distributed.run: not the in-process fast lane
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 WORLD, N, BATCH, STEPS, SEED = 2, 48, 4, 6, 0

@@ -300,6 +300,7 @@ def unknown_env_vars(used_by_file: dict, defined: dict) -> None:
     assert not bad, f"environment variables nobody reads: {bad}"
 
 
+@pytest.mark.slow  # greps the installed libraries' sources (~6 s): not the fast lane
 def test_every_environment_variable_named_exists():
     used_by_file, defined = {}, {}
     example_env = DEPLOY / "mlflow" / "example.env"
