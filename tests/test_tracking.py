@@ -58,21 +58,23 @@ def test_use_tracking_uri_moves_http_credentials_to_mlflows_env(monkeypatch):
 @pytest.mark.parametrize("before", [None, "sqlite:///{tmp}/before.db"])
 def test_fluent_tracking_puts_back_what_was_set_never_a_resolved_default(before, tmp_path, monkeypatch):
     """After the block, MLflow's fluent state is what it was: unset stays unset (a later
-    ``MlflowClient(uri)`` then registers into ``uri``, not into ``./mlflow.db``), a set URI comes back."""
+    ``MlflowClient(uri)`` then registers into ``uri``, not into ``./mlflow.db``), a set URI comes back.
+    (MLflow's setters export ``MLFLOW_*_URI``; this test puts both back itself: monkeypatch would
+    restore a variable that MLflow set after the test began.)"""
     import mlflow
 
     from tune_dynsdpb.tracking import fluent_tracking
 
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    outside = {k: os.environ.pop(k, None) for k in keys}
     monkeypatch.chdir(tmp_path)
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(k, raising=False)
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
-    if before:
-        before = before.format(tmp=tmp_path)
-        mlflow.set_tracking_uri(before)
-        mlflow.set_registry_uri(before)
     try:
+        if before:
+            before = before.format(tmp=tmp_path)
+            mlflow.set_tracking_uri(before)
+            mlflow.set_registry_uri(before)
         with fluent_tracking(f"sqlite:///{tmp_path}/inside.db"):
             pass
         assert mlflow.is_tracking_uri_set() == bool(before)
@@ -87,7 +89,10 @@ def test_fluent_tracking_puts_back_what_was_set_never_a_resolved_default(before,
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        for k, v in outside.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def test_check_tracking_uri_unwritable_sqlite_folder(tmp_path):
