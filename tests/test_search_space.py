@@ -124,6 +124,11 @@ def test_the_multi_task_files_list_six_and_three_tasks():
     assert [t.task for t in glue.task_specs()] == ["rte", "mrpc", "cola", "cb", "stsb", "sst2"]
     real = load_search_space(ROOT / "benchmarks" / "real" / "protocol.yaml")
     assert [t.task for t in real.task_specs()] == ["sst2", "cb", "stsb"] and real.budget.num_samples >= 8
+    pbt = load_search_space(ROOT / "benchmarks" / "real" / "protocol-pbt.yaml")  # the same protocol, dlb vs pbt
+    assert pbt.methods == ["dlb", "pbt"] and pbt.task_specs() == real.task_specs()
+    assert (pbt.budget, pbt.resources, pbt.seed) == (real.budget, real.resources, real.seed)
+    assert pbt.params.common == real.params.common and pbt.params.dlb == real.params.dlb
+    assert (pbt.params.pbt.alpha0, pbt.params.pbt.tau0) == (real.params.dlb.alpha0, real.params.dlb.tau0)
 
 
 def test_searcher_scheduler_and_warm_starts(tmp_path):
