@@ -47,6 +47,19 @@ def test_bad_pbt_input_is_one_line():
     d = raw()
     d["params"]["pbt"]["alpha0"] = {"low": -1.0, "high": 2.0}
     assert error(d) == "f.yaml: params.pbt.alpha0: alpha0 must be >= 0 (got -1.0)"
+    # PB2: a pbt arm, ranges, and at least two perturbation points (its GP needs a reward change)
+    d = raw(budget={"pbt_scheduler": "pb2"})
+    d["methods"] = ["dlb"]
+    assert error(d) == "f.yaml: budget.pbt_scheduler: pb2 is how the pbt arm explores, and pbt is not in methods"
+    d = raw(budget={"pbt_scheduler": "pb2", "evals_per_epoch": 4})
+    d["params"]["pbt"]["tau0"] = {"choices": [2.0, 3.0]}
+    assert error(d) == ("f.yaml: params.pbt.tau0: PB2 explores within ranges: give {low, high}, not choices "
+                        "(budget.pbt_scheduler: pb2)")
+    assert error(raw(budget={"pbt_scheduler": "pb2"})) == (
+        "f.yaml: budget.pbt_scheduler: PB2 explores from its second perturbation point on, and a trial of 2 "
+        "evaluations has one every 1: lower budget.perturbation_interval or evaluate more often")
+    assert "pbt_scheduler" in error(raw(budget={"pbt_scheduler": "pb3"}))
+    parse_search_space(raw(budget={"pbt_scheduler": "pb2", "evals_per_epoch": 3}), "f.yaml")
     # a file without pbt keeps the default arms, which do not include it
     d = spec_dict(Path("m"))
     d.pop("methods")
@@ -80,6 +93,12 @@ def test_scheduler_gives_pbt_its_own_population_and_searcher_hands_it_out_whole(
     pbt = sched.schedulers[("rte", "pbt")]
     assert pbt._perturbation_interval == 1 and pbt._synch and set(pbt._hyperparam_mutations) == {"alpha0", "tau0"}
     assert ClipToRanges({"alpha0": (0.5, 2.0)})({"alpha0": 2.4, "tau0": 9.0}) == {"alpha0": 2.0, "tau0": 9.0}
+
+    pb2 = create_scheduler(parse_search_space(raw(num_samples=3, budget={"pbt_scheduler": "pb2", "evals_per_epoch": 3}),
+                                              "f.yaml"), groups).schedulers[("rte", "pbt")]
+    assert type(pb2).__name__ == "PB2" and isinstance(pb2, PopulationBasedTraining)  # GroupedASHA treats it as PBT
+    assert pb2._synch and pb2._perturbation_interval == 1
+    assert pb2._hyperparam_bounds == {"alpha0": [0.5, 2.0], "tau0": [1.0, 4.0]}  # params.pbt's ranges
 
     searcher = create_searcher(spec, groups)
     order = []
@@ -401,6 +420,34 @@ def test_a_pbt_sweep_interrupted_then_resumed_has_exactly_its_population(tiny_be
     state = json.loads((out / "sweep.json").read_text())
     assert state["status"] == "finished"
     assert state["arms"]["rte/pbt"]["started"] == 2 and state["arms"]["rte/pbt"]["best"]["schedule"]
+
+
+@pytest.mark.slow
+def test_a_pb2_population_explores_within_the_ranges(ray_session, tiny_bert, data_dir, tmp_path):
+    """``budget.pbt_scheduler: pb2``: Tune's PB2 under GroupedASHA and the real trainable. A
+    population of 2, 4 evaluations, perturbed after each of the first 3 (PB2's GP picks α0/τ0 from
+    the second on): both members train their 8 steps, α changes inside a trial and stays in the
+    ranges, and the winner's schedule is recorded like PBT's."""
+    import yaml
+
+    from tune_dynsdpb.sweep import run_sweep
+
+    d = raw(model=str(tiny_bert), name="pb2", budget={"pbt_scheduler": "pb2", "evals_per_epoch": 4})
+    d["methods"], d["task"], d["training"] = ["pbt"], "sst2", {"logging_steps": LOGGING // 2}
+    spec = tmp_path / "pb2.yaml"
+    spec.write_text(yaml.safe_dump(d))
+    state = run_sweep(spec, output_dir=tmp_path / "out", data_dir=str(data_dir), progress=False)
+    assert state.status == "finished" and state.arms["sst2/pbt"].counts == {"FINISHED": 2}
+    client = client_for(f"sqlite:///{tmp_path}/out/mlflow.db")
+    alphas = []
+    for r in check_tree(client, "pb2", ["sst2"], ["pbt"], 2)["trial"]:
+        assert max(m.step for m in client.get_metric_history(r.info.run_id, "step")) == 2 * LOGGING
+        alphas.append([m.value for m in _history(client, r.info.run_id, "alpha_mean")])
+    assert any(len(set(a)) > 1 for a in alphas), alphas
+    schedule = state.arms["sst2/pbt"].best.schedule
+    assert schedule and schedule[0][0] == 0
+    for _, alpha, tau in schedule:
+        assert PBT["alpha0"]["low"] <= alpha <= PBT["alpha0"]["high"] and PBT["tau0"]["low"] <= tau <= PBT["tau0"]["high"]
 
 
 def test_the_report_plots_the_learned_schedule_beside_dynsdpb_and_dlb(tmp_path):

@@ -17,6 +17,7 @@ import os
 import signal
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ def quiet_libraries(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING if name != "alembic" else logging.ERROR)
     # an interrupted trial has no result file yet: Tune's warning about it is noise here
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # PB2 (budget.pbt_scheduler) refits its GP on a few points at each perturbation: scikit-learn's
+    # ConvergenceWarning about a kernel bound is expected there, one per fit
+    warnings.filterwarnings("ignore", message="The optimal value found for dimension", module="sklearn")
 
 
 def _token_available() -> bool:

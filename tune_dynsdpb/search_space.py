@@ -174,6 +174,10 @@ class Budget(_Strict):
     max_concurrent: Optional[int] = Field(None, ge=1)
     time_budget_s: Optional[float] = Field(None, gt=0)  # the whole sweep; arms stay equal (round-robin)
     perturbation_interval: Optional[int] = Field(None, ge=1)  # pbt: evaluations between perturbations (None: 1)
+    # pbt: how a cloned member explores: Tune's PopulationBasedTraining (alpha0/tau0 x0.8 or x1.2,
+    # clipped to params.pbt's ranges) or PB2 (a GP bandit over the population's reward changes,
+    # within those ranges; ranges only)
+    pbt_scheduler: Literal["pbt", "pb2"] = "pbt"
 
 
 class Resources(_Strict):
@@ -330,8 +334,12 @@ def max_reports(spec: SweepSpec) -> int:
 
 def _check_pbt(spec: SweepSpec) -> None:
     """The pbt arm: a population of at least 2, a perturbation interval shorter than the trial, and
-    only parameters PBT can mutate (alpha0, tau0), at least one of them searched."""
+    only parameters PBT can mutate (alpha0, tau0), at least one of them searched (for PB2, as a
+    range); ``budget.pbt_scheduler`` only with a pbt arm."""
     if "pbt" not in spec.methods:
+        if spec.budget.pbt_scheduler != "pbt":
+            raise _bad("budget.pbt_scheduler", f"{spec.budget.pbt_scheduler} is how the pbt arm explores, "
+                                               "and pbt is not in methods")
         return
     if spec.budget.num_samples < 2:
         raise _bad("budget.num_samples", f"the pbt arm needs a population of at least 2 trials "
@@ -342,6 +350,15 @@ def _check_pbt(spec: SweepSpec) -> None:
                                                    f"({reports} evaluations): PBT would never perturb")
     if not any(isinstance(getattr(spec.params.pbt, k), (Range, Choices)) for k in PBT_MUTABLE):
         raise _bad("params.pbt", "give alpha0 or tau0 a range or choices: PBT has nothing to mutate")
+    if spec.budget.pbt_scheduler == "pb2":
+        if 2 * interval >= reports:  # its GP fits each member's reward change between two points
+            raise _bad("budget.pbt_scheduler", f"PB2 explores from its second perturbation point on, and a trial of "
+                                               f"{reports} evaluations has one every {interval}: lower "
+                                               "budget.perturbation_interval or evaluate more often")
+        for k in PBT_MUTABLE:
+            if isinstance(getattr(spec.params.pbt, k), Choices):
+                raise _bad(f"params.pbt.{k}", "PB2 explores within ranges: give {low, high}, not choices "
+                                              "(budget.pbt_scheduler: pb2)")
 
 
 def perturbation_interval(spec: SweepSpec) -> int:

@@ -224,8 +224,13 @@ class ClipToRanges:
 def create_pbt(spec: SweepSpec) -> PopulationBasedTraining:
     """Synchronous PBT over reports (``training_iteration``) on ``objective`` (max), mutating the
     searched α0/τ0 of ``params.pbt``: the population waits at each perturbation point, the lower
-    quarter clones an upper-quarter member's checkpoint and config, then perturbs α0/τ0. Every
-    member keeps its own trial: no trial is added, and none trains longer than the others."""
+    quarter clones an upper-quarter member's checkpoint and config, then explores α0/τ0. Every
+    member keeps its own trial: no trial is added, and none trains longer than the others.
+
+    ``budget.pbt_scheduler`` picks the explore step: ``pbt`` (Tune's ``PopulationBasedTraining``:
+    ×0.8 or ×1.2, or a resample, clipped to the ranges) or ``pb2`` (Tune's ``PB2``, Parker-Holder
+    et al. 2020: a time-varying GP bandit on the population's reward changes picks α0/τ0 within
+    the ranges)."""
     from ray import tune
 
     mutations, ranges = {}, {}
@@ -236,9 +241,13 @@ def create_pbt(spec: SweepSpec) -> PopulationBasedTraining:
             ranges[name] = (p.low, p.high)
         elif isinstance(p, Choices):
             mutations[name] = list(p.choices)
-    return PopulationBasedTraining(time_attr="training_iteration", metric=R.OBJECTIVE, mode=R.MODE,
-                                   perturbation_interval=perturbation_interval(spec), hyperparam_mutations=mutations,
-                                   custom_explore_fn=ClipToRanges(ranges), synch=True)
+    common = dict(time_attr="training_iteration", metric=R.OBJECTIVE, mode=R.MODE,
+                  perturbation_interval=perturbation_interval(spec), synch=True)
+    if spec.budget.pbt_scheduler == "pb2":  # ranges only (the spec's check)
+        from ray.tune.schedulers.pb2 import PB2  # here: it imports scikit-learn's GP, ~1 s measured
+
+        return PB2(hyperparam_bounds={k: list(v) for k, v in ranges.items()}, **common)
+    return PopulationBasedTraining(hyperparam_mutations=mutations, custom_explore_fn=ClipToRanges(ranges), **common)
 
 
 class GroupedASHA(FIFOScheduler):
