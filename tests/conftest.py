@@ -80,6 +80,37 @@ def _fast_lane_guard(request):
     guard.check()
 
 
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _mlflow_uris() -> dict:
+    """The MLflow URIs a later test (and every process it starts) would inherit: the variables,
+    and, once MLflow is imported, its process-wide tracking and registry URIs."""
+    got = {k: os.environ.get(k) for k in MLFLOW_URI_VARIABLES}
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        got.update(tracking=mlflow.get_tracking_uri(), registry=mlflow.get_registry_uri())
+    return got
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_put_back(request):
+    """A test leaves the MLflow URIs as it found them. (One that did not, a ``monkeypatch.delenv``
+    of a variable MLflow itself had set, pointed every later test's registry at a deleted store.)"""
+    before = _mlflow_uris()
+    yield
+    after = _mlflow_uris()
+    changed = {k: (before.get(k), v) for k, v in after.items() if k in before and before[k] != v}
+    if changed:
+        for k in MLFLOW_URI_VARIABLES:  # put them back, so that one leak fails one test
+            if before[k] is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = before[k]
+        pytest.fail(f"{request.node.nodeid} changed MLflow's URIs and left them so (before, after): {changed}",
+                    pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return helpers.write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), num_labels=2)
