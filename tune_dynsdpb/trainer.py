@@ -52,6 +52,10 @@ _SLOT = {name: i for i, name in enumerate((*STAT_NAMES, "distil_steps", "steps")
 _MIN = [_SLOT["alpha_min"], _SLOT["tau_min"]]
 _MAX = [_SLOT["alpha_max"], _SLOT["tau_max"]]
 _SUMS = [i for i in _SLOT.values() if i not in _MIN + _MAX]
+# what one step adds: without a term (CE, steps), with one (CE, the term's sums, both counters)
+_STEP_ADD = [_SLOT["ce_loss"], _SLOT["steps"]]
+_TERM_ADD = [_SLOT[k] for k in ("ce_loss", "consistency_loss", "alpha_mean", "tau_mean", "u_mean", "c_mean",
+                                "distil_steps", "steps")]
 
 
 def _param_field(name: str):
@@ -221,6 +225,8 @@ class DynSDPBTrainer(Trainer):
             raise TypeError("DynSDPBTrainer needs args=DynSDPBConfig(...)")
         self.soft_targets = SoftTargetCache()
         self._stats = torch.zeros(len(_SLOT))  # see _SLOT
+        self._slots: dict[str, torch.Tensor] = {}
+        self._one: torch.Tensor | None = None
         self._stats_reset()
         model = self.accelerator.unwrap_model(self.model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft adapter
@@ -326,26 +332,29 @@ class DynSDPBTrainer(Trainer):
         self._stats_device = None
 
     def _stats_add(self, ce: torch.Tensor, term, num_items_in_batch) -> None:
-        # Tensors only, no .item(): a host sync per step would stall GPU training.
+        # Tensors only, no .item(): a host sync per step would stall GPU training. A few whole-
+        # vector ops rather than one indexed update per slot: on a GPU each op is a kernel launch.
         if self._stats_device is None:
             self._stats_device = self._stats.to(ce.device)
-        s = self._stats_device
+        if self._one is None or self._one.device != ce.device:  # the slot indices, once per device
+            self._slots = {k: torch.tensor(v, device=ce.device) for k, v in
+                           (("step", _STEP_ADD), ("term", _TERM_ADD), ("min", _MIN), ("max", _MAX))}
+            self._one = torch.ones((), device=ce.device)
+        s, slots = self._stats_device, self._slots
         # a CE normalised over the accumulated batch is a fraction of the micro-batch's own mean
         scale = self.current_gradient_accumulation_steps if self._loss_is_scaled(num_items_in_batch) else 1
-        k = _SLOT
-        s[k["ce_loss"]] += ce.detach().float() * scale
-        s[k["steps"]] += 1
-        if term is not None:
-            s[k["consistency_loss"]] += term.loss.detach()
-            s[k["alpha_mean"]] += term.alpha.mean()
-            s[k["alpha_min"]] = torch.minimum(s[k["alpha_min"]], term.alpha.min())
-            s[k["alpha_max"]] = torch.maximum(s[k["alpha_max"]], term.alpha.max())
-            s[k["tau_mean"]] += term.tau.mean()
-            s[k["tau_min"]] = torch.minimum(s[k["tau_min"]], term.tau.min())
-            s[k["tau_max"]] = torch.maximum(s[k["tau_max"]], term.tau.max())
-            s[k["u_mean"]] += term.u.mean()
-            s[k["c_mean"]] += term.c.mean()
-            s[k["distil_steps"]] += 1  # steps that had a consistency term (all but the first)
+        ce = ce.detach().float() * scale
+        if term is None:
+            s.index_add_(0, slots["step"], torch.stack([ce, self._one]))
+            return
+        alpha_min, alpha_max = torch.aminmax(term.alpha)
+        tau_min, tau_max = torch.aminmax(term.tau)
+        means = torch.stack([term.alpha, term.tau, term.u, term.c]).mean(1)  # alpha, tau, u, c: (N,) each
+        # distil_steps: steps that had a consistency term (all but the first)
+        s.index_add_(0, slots["term"], torch.cat([torch.stack([ce, term.loss.detach().float()]), means,
+                                                  torch.stack([self._one, self._one])]))
+        s.index_copy_(0, slots["min"], torch.minimum(s[slots["min"]], torch.stack([alpha_min, tau_min])))
+        s.index_copy_(0, slots["max"], torch.maximum(s[slots["max"]], torch.stack([alpha_max, tau_max])))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats_device is not None:
