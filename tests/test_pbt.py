@@ -454,7 +454,7 @@ def test_the_report_plots_the_learned_schedule_beside_dynsdpb_and_dlb(tmp_path):
     import pandas as pd
 
     from tune_dynsdpb import plots
-    from tune_dynsdpb.report import _dlb_constants
+    from tune_dynsdpb.report import _dlb_constants, _last_step
 
     h = [pd.DataFrame({"step": [2, 4], "alpha_mean": [0.8, 0.9], "alpha_min": [0.5, 0.6], "alpha_max": [1.0, 1.0],
                        "tau_mean": [3.0, 3.1], "tau_min": [3.0, 3.0], "tau_max": [3.5, 3.5]})]
@@ -463,3 +463,8 @@ def test_the_report_plots_the_learned_schedule_beside_dynsdpb_and_dlb(tmp_path):
     assert plots.alpha_tau([], tmp_path / "b.png", schedule=schedule) is not None  # a sweep without dynsdpb
     assert plots.alpha_tau([], tmp_path / "c.png") is None
     assert _dlb_constants({"config": {"alpha0": 1.2, "tau0": 2.5}}) == (1.2, 2.5) and _dlb_constants(None) is None
+    # the last piece is held to the finals' last step (a schedule perturbed half-way is half the run)
+    assert plots.schedule_line(schedule, 0, 150) == ([0, 3, 150], [1.0, 1.5, 1.5])
+    assert plots.schedule_line(schedule, 1, 0) == ([0, 3, 4], [3.0, 2.0, 2.0])
+    assert _last_step({"dlb": h, "pbt": [None, pd.DataFrame({"step": [75, 150]})]}) == 150 and _last_step({}) == 0
+    assert plots.alpha_tau([], tmp_path / "d.png", schedule=schedule, last_step=150) is not None

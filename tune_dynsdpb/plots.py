@@ -67,17 +67,26 @@ def eval_curves(histories: dict[str, list[pd.DataFrame]], metric: str, path: Pat
     return _save(fig, path)
 
 
+def schedule_line(schedule: list, index: int, end: int) -> tuple[list[int], list[float]]:
+    """A learned schedule ``[[step, alpha, tau], ...]`` as a post-step line of α (``index`` 0) or τ
+    (1): each value from its step on, the last one held to ``end`` (the run's last step)."""
+    steps = [int(e[0]) for e in schedule]
+    values = [float(e[1 + index]) for e in schedule]
+    return steps + [max(end, steps[-1] + 1)], values + [values[-1]]
+
+
 def alpha_tau(histories: list[pd.DataFrame], path: Path, schedule: list | None = None,
-              constants: tuple[float, float] | None = None) -> Path | None:
+              constants: tuple[float, float] | None = None, last_step: int = 0) -> Path | None:
     """DynSDPB's α and τ over training: the interval mean (line) and min..max (band), averaged over
     seeds; beside it the pbt arm's learned schedule (``[[step, alpha, tau], ...]``, a step line held
-    to the last step drawn) and static DLB's constants (``(alpha0, tau0)``, dashed)."""
+    to ``last_step``, the finals' last step, or the last step drawn) and static DLB's constants
+    (``(alpha0, tau0)``, dashed)."""
     has_dyn = any(h is not None and "alpha_mean" in h for h in histories)
     if not has_dyn and not schedule:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, (ax, name) in enumerate(zip(axes, ("alpha", "tau"))):
-        last = 0
+        last = last_step
         if has_dyn:
             mean = mean_std_by_step(histories, f"{name}_mean")
             lo, hi = mean_std_by_step(histories, f"{name}_min"), mean_std_by_step(histories, f"{name}_max")
@@ -86,12 +95,9 @@ def alpha_tau(histories: list[pd.DataFrame], path: Path, schedule: list | None =
                 band = lo.merge(hi, on="step", suffixes=("_lo", "_hi"))
                 ax.fill_between(band["step"], band["mean_lo"], band["mean_hi"], alpha=0.2, color=COLORS["dynsdpb"],
                                 label=f"dynsdpb {name} min..max")
-            last = int(mean["step"].max()) if not mean.empty else 0
+            last = max(last, int(mean["step"].max()) if not mean.empty else 0)
         if schedule:
-            steps = [int(e[0]) for e in schedule]
-            values = [float(e[1 + i]) for e in schedule]
-            end = max(last, steps[-1] + 1)
-            ax.step(steps + [end], values + [values[-1]], where="post", color=COLORS["pbt"], lw=2,
+            ax.step(*schedule_line(schedule, i, last), where="post", color=COLORS["pbt"], lw=2,
                     label=f"pbt: learned {name}")
         if constants is not None:
             ax.axhline(constants[i], color=COLORS["dlb"], ls="--", label=f"dlb: {name}0 = {constants[i]:.3g}")

@@ -207,6 +207,12 @@ _PLOT_TITLES = {"eval_curve.png": "{metric} against training step (mean ± std o
                 "grad_norms.png": "Per-layer gradient norms over training"}
 
 
+def _last_step(histories: dict) -> int:
+    """The finals' last logged training step (0 without histories): where a schedule ends."""
+    return max((int(h["step"].max()) for hs in histories.values() for h in hs
+                if h is not None and "step" in h and not h.empty), default=0)
+
+
 def _dlb_constants(best: dict | None) -> tuple[float, float] | None:
     config = (best or {}).get("config") or {}
     return (float(config["alpha0"]), float(config["tau0"])) if "alpha0" in config and "tau0" in config else None
@@ -257,7 +263,8 @@ def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: st
         "eval_curve.png": plots.eval_curves(histories, metric, folder / "eval_curve.png"),
         "alpha_tau.png": plots.alpha_tau(histories.get("dynsdpb", []), folder / "alpha_tau.png",
                                          schedule=(best.get("pbt") or {}).get("schedule"),
-                                         constants=_dlb_constants(best.get("dlb"))),
+                                         constants=_dlb_constants(best.get("dlb")),
+                                         last_step=_last_step(histories)),
         "best_so_far.png": plots.best_so_far(sweep_scores, mode, metric, folder / "best_so_far.png"),
         "grad_norms.png": plots.grad_norms(histories, folder / "grad_norms.png"),
     }
