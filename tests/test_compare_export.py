@@ -342,5 +342,9 @@ def test_config_notes_flag_zero_rates_and_identical_arms():
     assert len(config_notes({"dlb": dlb, "dynsdpb": {**dyn, "learning_rate": 2e-4}})) == 1
     assert config_notes({"dlb": dlb, "dynsdpb": {**dyn, "lambda_tau": 0.3}}) == []
     assert config_notes({"dlb": dlb}) == []
+    pbt = {**dlb, "method": "pbt"}  # a winner PBT never perturbed, started at dlb's best point
+    (note,) = config_notes({"dlb": dlb, "pbt": pbt}, pbt_schedule=[[0, dlb["alpha0"], dlb["tau0"]]])
+    assert note.startswith("On this task, pbt's winning member was never perturbed") and "by construction" in note
+    assert config_notes({"dlb": dlb, "pbt": pbt}, pbt_schedule=[[0, dlb["alpha0"], dlb["tau0"]], [8, 2.0, 3.0]]) == []
     ties = config_notes({"dlb": dlb}, {"vanilla": [0.0, 0.0, None], "dlb": [0.5, 0.6]})
     assert len(ties) == 1 and ties[0].startswith("All 2 sweep trials of vanilla tied")

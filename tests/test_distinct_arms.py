@@ -9,6 +9,7 @@ import pytest
 from tune_dynsdpb import params
 from tune_dynsdpb.errors import UserError
 from tune_dynsdpb.search_space import DEFAULT_POINTS, load_search_space, parse_search_space
+from tune_dynsdpb.search_space import pbt_replays_dlb
 from tune_dynsdpb.searching import create_points_to_evaluate, tie_notes
 
 ROOT = Path(__file__).parent.parent
@@ -113,3 +114,24 @@ def test_tie_notes_say_why_two_arms_score_the_same():
     (line,) = tie_notes(state)
     assert line.startswith("sst2: dlb, dlb_warmup tie at 0.8075 with different methods and distill_warmup")
     assert "400 eval samples" in line and "1/400" in line
+
+
+def test_a_pbt_winner_that_pbt_never_perturbed_and_started_at_dlbs_best_is_said_to_be_dlbs_run():
+    """The real protocol's CB row: the population's best member was in the upper quarter at the
+    perturbation point (never perturbed) and started from dlb's best point (both studies are seeded
+    alike), so its replay is dlb's run. The summary says so instead of "different runs"."""
+    common = {"task": "cb", "learning_rate": 2.6e-4, "alpha0": 1.93, "tau0": 3.18}
+    dlb = SimpleNamespace(score=0.6964, config={"method": "dlb", **common}, schedule=None)
+    same = SimpleNamespace(score=0.6964, config={"method": "pbt", **common}, schedule=[[0, 1.93, 3.18]])
+    state = lambda pbt: SimpleNamespace(tasks={"cb": SimpleNamespace(eval_size=56, metric="eval_accuracy")},  # noqa: E731
+                                        scored=lambda task: {"dlb": dlb, "pbt": pbt})
+    (line,) = tie_notes(state(same))
+    assert line == ("cb: dlb, pbt tie at 0.6964: pbt's winning member was never perturbed and started from dlb's "
+                    "best config: it trained dlb's run, so the two score the same by construction")
+    perturbed = SimpleNamespace(score=0.6964, config={"method": "pbt", **common, "alpha0": 2.0},
+                                schedule=[[0, 1.93, 3.18], [16, 2.0, 3.18]])
+    (line,) = tie_notes(state(perturbed))
+    assert line.startswith("cb: dlb, pbt tie at 0.6964 with different methods and alpha0: different runs")
+    assert not pbt_replays_dlb({**common, "method": "pbt", "learning_rate": 1e-4}, [[0, 1.93, 3.18]],
+                               {**common, "method": "dlb"})  # another learning rate: another run
+    assert not pbt_replays_dlb(same.config, [[0, 1.93, 3.18]], None)

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .baselines import baseline_name, beats, learned_line
+from .search_space import PBT_IS_DLB, pbt_replays_dlb
 
 COMPARISONS = (("dynsdpb", "dlb"), ("dynsdpb", "vanilla"), ("dynsdpb", "dlb_warmup"), ("pbt", "dlb"), ("pbt", "dynsdpb"))
 ARM_ORDER = ("vanilla", "dlb", "dlb_warmup", "dynsdpb", "pbt")
@@ -128,17 +129,23 @@ def same_runs(best_configs: dict[str, dict]) -> bool:
                         if k not in ("method", "lambda_alpha", "lambda_tau", "granularity")))
 
 
-def config_notes(best_configs: dict[str, dict], sweep_scores: dict[str, list] | None = None) -> list[str]:
+def config_notes(best_configs: dict[str, dict], sweep_scores: dict[str, list] | None = None,
+                 pbt_schedule: list | None = None) -> list[str]:
     """Plain-words notes on the arms' best configs that a reader needs to read the differences:
     an arm whose sweep trials all tied (its "best" is then just the first, the warm start);
-    dynsdpb with both adaptation rates at zero, which is static DLB; and dynsdpb matching dlb's
-    best config, so that the two arms train identical runs and differ by zero by construction."""
+    a pbt winner that PBT never perturbed and that started at dlb's best config (the finals then
+    replay dlb's run); dynsdpb with both adaptation rates at zero, which is static DLB; and
+    dynsdpb matching dlb's best config, so that the two arms train identical runs and differ by
+    zero by construction."""
     notes = []
     for arm, scores in (sweep_scores or {}).items():
         done = [x for x in scores if x is not None]
         if len(done) > 1 and len(set(done)) == 1:
             notes.append(f"All {len(done)} sweep trials of {arm} tied at {done[0]:.4g}: its best config is the "
                          f"first trial's (the warm start), not a finding of the search.")
+    if "pbt" in best_configs and pbt_replays_dlb(best_configs["pbt"], pbt_schedule, best_configs.get("dlb")):
+        notes.append(f"On this task, {PBT_IS_DLB}: the pbt finals replay a constant schedule at dlb's α0/τ0, "
+                     "and pbt − dlb is 0.")
     dyn = best_configs.get("dynsdpb")
     if not dyn or dyn.get("lambda_alpha", 0) or dyn.get("lambda_tau", 0):
         return notes
@@ -295,7 +302,7 @@ def write_report(folder: Path, *, state: dict, task: str, best: dict, budget: st
                "baseline": baseline, "baseline_name": baseline_name(metric),
                "sweep_scores": sweep_scores, "sweep_trials": sweep_trials or {},
                "importances": importances, "heatmaps": heatmaps,
-               "notes": config_notes(best_configs, sweep_scores),
+               "notes": config_notes(best_configs, sweep_scores, (best.get("pbt") or {}).get("schedule")),
                "plots": [k for k, v in pngs.items() if v], "created": time.time()}
     (folder / "finals.json").write_text(json.dumps(summary, indent=2, default=str))
     seed_list = sorted({k for p in paired.values() for k in p["seeds"]})

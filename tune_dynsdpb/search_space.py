@@ -36,7 +36,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       ValidationError, model_validator)
 
 from .errors import UserError
-from .results import metric_key
+from .results import METHOD, metric_key
 from .params import METHODS, PAIRED_METHODS, PARAMS, check_value, param
 
 PAIRED: tuple[str, ...] = tuple(m for m in METHODS if m in PAIRED_METHODS)  # even batch sizes only
@@ -330,6 +330,21 @@ def max_reports(spec: SweepSpec) -> int:
     p = spec.params.common.num_train_epochs
     epochs = p.high if isinstance(p, Range) else max(p.choices) if isinstance(p, Choices) else p
     return math.ceil((3.0 if epochs is None else epochs) * spec.budget.evals_per_epoch)
+
+
+def pbt_replays_dlb(pbt_config: dict, schedule: Optional[list], dlb_config: Optional[dict]) -> bool:
+    """Whether a pbt arm's best trial trained exactly dlb's best run: its lineage was never
+    perturbed (a schedule of at most one entry, at its own α0/τ0) and its config is dlb's. PBT
+    leaves its upper quarter alone, and the seeded studies start both arms from the same points,
+    so a winner that started at dlb's best point can be static DLB with that config."""
+    if not dlb_config or (schedule and (len(schedule) > 1 or list(schedule[0][1:]) != [
+            pbt_config.get("alpha0"), pbt_config.get("tau0")])):
+        return False
+    return all(pbt_config.get(k) == dlb_config.get(k) for k in (set(pbt_config) | set(dlb_config)) - {METHOD})
+
+
+PBT_IS_DLB = ("pbt's winning member was never perturbed and started from dlb's best config: it trained "
+              "dlb's run, so the two score the same by construction")
 
 
 def _check_pbt(spec: SweepSpec) -> None:

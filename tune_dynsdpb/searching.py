@@ -33,8 +33,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search import Searcher
 
 from . import results as R
-from .search_space import (PAIRED, PBT_MUTABLE, Choices, Range, SweepSpec, _contains, config_name, max_reports,
-                           perturbation_interval)
+from .search_space import (PAIRED, PBT_IS_DLB, PBT_MUTABLE, Choices, Range, SweepSpec, _contains, config_name,
+                           max_reports, pbt_replays_dlb, perturbation_interval)
 
 Group = tuple[str, str]  # (task, method)
 
@@ -453,13 +453,19 @@ def replay_config(best: dict) -> dict:
 def tie_notes(state) -> list[str]:
     """One line per group of arms of a task whose best scores are equal, saying why: every arm
     trains its own method (:func:`search_space._check_distinct_arms`), so a tie is two different
-    runs that scored the same on a coarse metric (accuracy over n samples moves by 1/n)."""
+    runs that scored the same on a coarse metric (accuracy over n samples moves by 1/n), except a
+    pbt winner that PBT never perturbed and that started from dlb's best point (:data:`PBT_IS_DLB`)."""
     lines = []
     for task, t in state.tasks.items():
         by_score: dict[float, list[str]] = {}
         for method, best in state.scored(task).items():
             by_score.setdefault(best.score, []).append(method)
         for score, methods in by_score.items():
+            scored = state.scored(task)
+            if {"dlb", "pbt"} <= set(methods) and pbt_replays_dlb(
+                    scored["pbt"].config, getattr(scored["pbt"], "schedule", None), scored["dlb"].config):
+                lines.append(f"{task}: dlb, pbt tie at {score:.4f}: {PBT_IS_DLB}")
+                methods = [m for m in methods if m != "pbt"]
             if len(methods) < 2:
                 continue
             configs = [state.scored(task)[m].config for m in methods]
