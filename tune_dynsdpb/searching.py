@@ -410,28 +410,12 @@ def learned_schedule(checkpoint: str) -> Optional[list]:
         return None
 
 
-def record_schedules(state, tracker) -> None:
+def fill_schedules(state) -> None:
     """Each pbt arm's best trial: the schedule of its lineage (its best checkpoint's) into the
-    state's ``best.schedule`` and to MLflow: the trial run gets ``schedule_alpha``/``schedule_tau``
-    at each breakpoint's step and, like the arm run, the tag ``best.schedule`` (JSON)."""
-    import json
-    import time
-
-    from mlflow.entities import Metric, RunTag
-
+    state's ``best.schedule`` (``SweepTracker.record_best`` then logs it)."""
     for arm in state.arms.values():
-        if arm.method != "pbt" or arm.best is None or not arm.best.checkpoint:
-            continue
-        schedule = learned_schedule(arm.best.checkpoint)
-        if not schedule:
-            continue
-        arm.best.schedule = schedule
-        now, tag = int(time.time() * 1000), RunTag("best.schedule", json.dumps(schedule))
-        if arm.best.run_id:
-            tracker.client.log_batch(arm.best.run_id, tags=[tag], metrics=[
-                Metric(name, float(v), now, int(step)) for step, a, t in schedule
-                for name, v in (("schedule_alpha", a), ("schedule_tau", t))])
-        tracker.client.log_batch(tracker.arm_run(arm.task, arm.method), tags=[tag])
+        if arm.method == "pbt" and arm.best is not None and arm.best.checkpoint:
+            arm.best.schedule = learned_schedule(arm.best.checkpoint) or None
 
 
 def replay_config(best: dict) -> dict:
@@ -510,5 +494,5 @@ def create_journal_storage(path: str):
 
 __all__: list[str] = ["RoundRobinSearcher", "GroupedASHA", "create_searcher", "create_scheduler",
                       "create_points_to_evaluate", "create_journal_storage", "use_journal", "tie_notes",
-                      "create_pbt", "learned_schedule", "record_schedules", "replay_config", "group_of", "study_name",
+                      "create_pbt", "learned_schedule", "fill_schedules", "replay_config", "group_of", "study_name",
                       "DefineByRun"]

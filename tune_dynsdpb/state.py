@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -70,7 +71,7 @@ class BestTrial(_Model):
     config: dict
     checkpoint: Optional[str] = None
     run_id: Optional[str] = None
-    schedule: Optional[list] = None  # pbt: the winning lineage's [[step, alpha, tau], ...] (searching.record_schedules)
+    schedule: Optional[list] = None  # pbt: the winning lineage's [[step, alpha, tau], ...] (searching.fill_schedules)
 
 
 class ArmState(_Model):
@@ -244,6 +245,42 @@ def lock_folder(out: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def own_folder(out: Path, *, fresh: bool, storage_path: str) -> Iterator[None]:
+    """What one driver holds while it runs a sweep: the folder's lock, the storage path checked (a
+    probe object written and deleted) and its lease (unless it lies in the folder). A sweep that
+    fails before its state is first saved (a bad metric, an unreachable tracking store or storage
+    path, resources no node has, a failing preflight) leaves the folder as it found it: removed if
+    it made it, else emptied (it was empty), so the same --output-dir works next time. The undo
+    runs only under the lock, so it never touches another driver's folder."""
+    with lock_folder(out):
+        try:
+            storage.check_storage(storage_path)  # before any MLflow run or trial
+            with contextlib.nullcontext() if inside(storage_path, out) else hold_lease(storage_path):
+                yield
+        except BaseException:
+            if not (out / STATE_FILE).exists():
+                _empty(out, remove=fresh)
+            raise
+
+
+def _empty(out: Path, remove: bool) -> None:
+    if remove:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def mirror_journal(storage_path: str, out: Path) -> None:
+    """The Optuna journal copied to the storage path (when that lies outside the folder)."""
+    if not inside(storage_path, out) and (out / JOURNAL_FILE).exists():
+        mirror(storage_path, JOURNAL_FILE, local=out / JOURNAL_FILE)
+
+
 def _lease_text() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
 
@@ -305,4 +342,4 @@ def hold_lease(storage_path: str, flag: str = "--storage-path") -> Iterator[None
 
 
 __all__ = ["SweepState", "ArmState", "TaskState", "BestTrial", "open_sweep", "open_stored_sweep", "lock_folder",
-           "hold_lease", "mirror", "inside", "arm_key", "STATE_FILE", "JOURNAL_FILE", "LEASE_FILE", "EXPERIMENT", "Outcome"]
+           "own_folder", "hold_lease", "mirror", "mirror_journal", "inside", "arm_key", "STATE_FILE", "JOURNAL_FILE", "LEASE_FILE", "EXPERIMENT", "Outcome"]

@@ -22,9 +22,7 @@ the console (header, live table, summary) is :mod:`tune_dynsdpb.console`.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,9 +40,9 @@ from .experiment import check_resources, create_trainable, init_ray, preflight, 
 from .params import passes_per_epoch
 from .run import resolve_model_path
 from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
-from .searching import create_journal_storage, record_schedules, study_name, use_journal
-from .state import (EXPERIMENT, JOURNAL_FILE, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, hold_lease,
-                    inside, lock_folder, mirror, open_stored_sweep, open_sweep)
+from .searching import create_journal_storage, fill_schedules, study_name, use_journal
+from .state import (EXPERIMENT, JOURNAL_FILE, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, inside,
+                    mirror_journal, open_stored_sweep, open_sweep, own_folder)
 from .tracking import (SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri,
                        open_tracking_uri, redact_uri, use_tracking_uri)
 from .tuning import (CheckpointPruner, JournalMirror, checkpoint_uri, complete, configure_tune,  # noqa: F401
@@ -161,33 +159,6 @@ def open_sweep_run(spec_path, output_dir, *, resume: bool, storage_path: str | N
                   state.spec_path, resume=True, fresh=fresh, from_storage=from_storage)
 
 
-@contextlib.contextmanager
-def _undo_unsaved(out: Path, fresh: bool):
-    """A sweep that fails before its state is saved in ``out`` (a bad metric, an unreachable
-    tracking store or storage path, resources no node has, a failing preflight) leaves its folder
-    as it found it: removed if it made it, else emptied (it was empty), so the same --output-dir
-    works next time. Entered only once the folder lock is held, so it never touches another
-    driver's folder."""
-    try:
-        yield
-    except BaseException:
-        if not (out / STATE_FILE).exists():
-            if fresh:
-                shutil.rmtree(out, ignore_errors=True)
-            else:
-                for child in out.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child, ignore_errors=True)
-                    else:
-                        child.unlink(missing_ok=True)
-        raise
-
-
-def _lease(run: _Sweep):
-    """The storage path's lease (see :mod:`tune_dynsdpb.state`), unless it lies in the folder."""
-    return contextlib.nullcontext() if inside(run.storage_path, run.out) else hold_lease(run.storage_path)
-
-
 # -- the run --------------------------------------------------------------------------------------
 def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | None = None,
               data_dir: str | None = None, methods: Sequence[str] | None = None, num_samples: int | None = None,
@@ -198,22 +169,20 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
     quiet_libraries(verbose)
     run = open_sweep_run(spec_path, output_dir, resume=resume, storage_path=storage_path, tracking_uri=tracking_uri,
                          data_dir=data_dir, methods=methods, num_samples=num_samples, overrides=overrides)
-    with lock_folder(run.out), _undo_unsaved(run.out, run.fresh):
-        storage.check_storage(run.storage_path)  # before any MLflow run or trial
-        with _lease(run):
-            check_tracking_uri(run.tracking_uri)
-            init_ray(ray_address, ray_temp_dir, verbose=verbose)
-            check_resources(run.spec, run.where)
-            tasks = prepare(run, data_dir, progress)
-            if progress:
-                print_header(run.state, run.out)
-            groups = order_groups(tasks, run.spec.methods)
-            tracker = start_tracking(run, tasks, groups)
-            grid = run_experiment(run, tasks, groups, tracker, progress)
-            try:
-                record_outcomes(run, grid, groups, tracker)
-            except KeyboardInterrupt:
-                raise interrupted(run) from None
+    with own_folder(run.out, fresh=run.fresh, storage_path=run.storage_path):
+        check_tracking_uri(run.tracking_uri)
+        init_ray(ray_address, ray_temp_dir, verbose=verbose)
+        check_resources(run.spec, run.where)
+        tasks = prepare(run, data_dir, progress)
+        if progress:
+            print_header(run.state, run.out)
+        groups = order_groups(tasks, run.spec.methods)
+        tracker = start_tracking(run, tasks, groups)
+        grid = run_experiment(run, tasks, groups, tracker, progress)
+        try:
+            record_outcomes(run, grid, groups, tracker)
+        except KeyboardInterrupt:
+            raise interrupted(run) from None
     if progress:
         print_summary(run.state, run.out)
     return run.state
@@ -321,15 +290,10 @@ def run_experiment(run: _Sweep, tasks: dict, groups: list, tracker, progress: bo
 def interrupted(run: _Sweep) -> KeyboardInterrupt:
     """The sweep stopped by Ctrl-C or SIGTERM (during the experiment, or while its outcomes were being
     recorded): its state says so, and the error says how to continue."""
-    _mirror_journal(run)
+    mirror_journal(run.storage_path, run.out)
     run.state.status = "interrupted"
     run.state.save(run.out)
     return KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume --output-dir {run.out}")
-
-
-def _mirror_journal(run: _Sweep) -> None:
-    if not inside(run.storage_path, run.out) and os.path.exists(run.journal):
-        mirror(run.storage_path, JOURNAL_FILE, local=run.journal)
 
 
 # -- 4. what each arm got, and its best trial -----------------------------------------------------
@@ -341,19 +305,19 @@ def record_outcomes(run: _Sweep, grid, groups: list, tracker) -> None:
     tracker.trial_callback(groups).backfill(grid)  # what a killed driver had queued and not written
     tracker.delete_orphans({o["trial_id"] for o in outcomes})
     _close_orphan_studies(run.spec, groups, run.journal)
+    fill_schedules(state)  # pbt arms: the winning lineage's schedule
     for arm in state.arms.values():
         if arm.best is not None:
             arm.best.run_id = tracker.find_trial_run(arm.task, arm.method, arm.best.trial_id)
             t = state.tasks[arm.task]
             tracker.record_best(arm.task, arm.method, arm.best.run_id, arm.best.config, t.metric, arm.best.score,
-                                t.baseline)
-    record_schedules(state, tracker)  # pbt arms: the winning lineage's schedule, into the state and MLflow
+                                t.baseline, arm.best.schedule)
     keep = {a.best.checkpoint for a in state.arms.values() if a.best and a.best.checkpoint}
     CheckpointPruner(state.storage_path).finish(grid, keep)
     state.disk_bytes = _disk_use(run.out) + (0 if inside(state.storage_path, run.out)
                                              else storage.size(state.storage_path))
     state.status, state.finished = "finished", time.time()
-    _mirror_journal(run)
+    mirror_journal(run.storage_path, run.out)
     state.save(run.out)
     tracker.finish_sweep()
 

@@ -398,7 +398,10 @@ class SweepTracker:
         return found[0].info.run_id if found else None
 
     def record_best(self, task: str, arm: str, trial_run_id: str | None, config: dict, metric: str,
-                    value: float, baseline: float | None = None) -> None:
+                    value: float, baseline: float | None = None, schedule: list | None = None) -> None:
+        """An arm's best trial on the task, arm and sweep runs; a pbt arm's learned ``schedule``
+        also as the trial run's ``schedule_alpha``/``schedule_tau`` at each breakpoint's step and,
+        on the trial and arm runs, the tag ``best.schedule`` (JSON)."""
         now = int(time.time() * 1000)
         cfg = json.dumps(config, default=str, sort_keys=True)[:_MAX_TAG]
         up = [RunTag(f"best.{arm}.config", cfg)] + ([RunTag(f"best.{arm}.run_id", trial_run_id)] if trial_run_id else [])
@@ -407,6 +410,13 @@ class SweepTracker:
                               + ([Metric(f"baseline_{metric}", float(baseline), now, 0)] if baseline is not None else []))
         self.client.log_batch(self.parent_run_id, tags=[RunTag(f"best.{task}.{arm}.config", cfg)],
                               metrics=[Metric(f"best_{task}_{arm}_{metric}", float(value), now, 0)])
+        if schedule:
+            tag = RunTag("best.schedule", json.dumps(schedule))
+            arm_tags.append(tag)
+            if trial_run_id:
+                self.client.log_batch(trial_run_id, tags=[tag], metrics=[
+                    Metric(name, float(v), now, int(step)) for step, a, t in schedule
+                    for name, v in (("schedule_alpha", a), ("schedule_tau", t))])
         self.client.log_batch(self.arm_run(task, arm), tags=arm_tags,
                               metrics=[Metric(f"best_{metric}", float(value), now, 0)])
 
