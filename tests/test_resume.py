@@ -5,7 +5,8 @@ Two trials of one identical config (same seed) run side by side in one Tune expe
 callback: ``tests/faults.py``) once Tune holds its first checkpoint; Tune retries it. The retry
 must pick up that checkpoint: its first report after the restore is the step after the
 checkpoint's (a restart from 0 would report the checkpoint's step again), no step is reported
-twice (Tune's own result log and the MLflow run through the real ``MLflowTrialCallback``), and it
+twice (the retry's rows in Tune's own result log; the MLflow run, through the real
+``MLflowTrialCallback``, has every step exactly once), and it
 ends with exactly the uninterrupted trial's metrics and weights. A retry that restarted from step
 0 would end with the same numbers (the run is deterministic), which is why the steps are checked
 as well.
@@ -39,7 +40,7 @@ def test_a_retried_trial_continues_from_its_checkpoint(ray_session, tiny_bert, d
     from trainables.dynsdpb import train_dynsdpb
     from tune_dynsdpb.experiment import prepare_tasks
     from tune_dynsdpb.search_space import load_search_space
-    from tune_dynsdpb.tracking import ATTEMPT, TAG_ATTEMPTS, SweepTracker, default_tracking_uri
+    from tune_dynsdpb.tracking import ATTEMPT, TAG_ATTEMPTS, TAG_RETRIES, SweepTracker, default_tracking_uri
 
     token = tmp_path / "kill.token"
     token.write_text("")
@@ -64,15 +65,20 @@ def test_a_retried_trial_continues_from_its_checkpoint(ray_session, tiny_bert, d
 
     results = {r.metrics["trial_id"]: r for r in grid}
     log = {t: r.metrics_dataframe for t, r in results.items()}  # Tune's own log of every report
-    (retried,) = [t for t, df in log.items() if df["pid"].nunique() == 2]
+    runs = {r.data.tags["ray.trial_id"]: r for r in tracker.trial_runs("rte", "dynsdpb")}
+    (retried,) = [t for t, r in runs.items() if TAG_RETRIES in r.data.tags]  # (on_trial_recover)
     (plain,) = [t for t in log if t != retried]
-    for trial in (plain, retried):  # both attempts: each step once
-        assert log[trial]["step"].tolist() == REPORTED_STEPS, (trial, log[trial]["step"].tolist())
-    df = log[retried]
-    assert df["pid"].tolist() == [pid] + [df["pid"].iloc[1]] * 3  # killed after its first report
-    # the restored trial's first report is the one after its checkpoint's step
-    assert df["iterations_since_restore"].tolist() == [1, 1, 2, 3]
+    assert log[plain]["step"].tolist() == REPORTED_STEPS
     assert log[plain]["iterations_since_restore"].tolist() == [1, 2, 3, 4]
+    # The retry's own reports: after the checkpoint's step, each once, counted from the restore. (The
+    # killed attempt's report may be missing here: on a retry Tune copies the trial's result.json
+    # back from the storage path, which lacks the rows written since its last sync. MLflow has it.)
+    df = log[retried]
+    seen = df[["step", "pid", "iterations_since_restore"]].values.tolist()
+    after = df[df["pid"] != pid]
+    assert after["step"].tolist() == REPORTED_STEPS[1:], (pid, seen)
+    assert after["iterations_since_restore"].tolist() == [1, 2, 3], (pid, seen)
+    assert after["pid"].nunique() == 1, (pid, seen)
     a, b = results[plain].metrics, results[retried].metrics
     assert a["final"] and b["final"]
     assert {k: b[k] for k in FINAL_KEYS} == pytest.approx({k: a[k] for k in FINAL_KEYS}, rel=1e-6, abs=1e-9)
@@ -81,9 +87,8 @@ def test_a_retried_trial_continues_from_its_checkpoint(ray_session, tiny_bert, d
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7) for k in wa)
 
     client = MlflowClient(tracker.tracking_uri)  # the MLflow run: one attempt, every step once
-    runs = {r.data.tags["ray.trial_id"]: r for r in tracker.trial_runs("rte", "dynsdpb")}
     run = runs[retried]
-    assert int(run.data.tags["tune_dynsdpb.retries"]) == 1 and TAG_ATTEMPTS not in run.data.tags
+    assert int(run.data.tags[TAG_RETRIES]) == 1 and TAG_ATTEMPTS not in run.data.tags
     logged = sorted(client.get_metric_history(run.info.run_id, "step"), key=lambda m: (m.timestamp, m.step))
     assert [m.step for m in logged] == REPORTED_STEPS
     assert {m.value for m in client.get_metric_history(run.info.run_id, ATTEMPT)} == {1.0}
