@@ -114,7 +114,7 @@ def rejected(capsys, argv, *needles):
 
 
 def test_a_sweep_whose_trials_all_diverged_has_no_best_and_says_why(diverged):
-    from tune_dynsdpb.sweep import arm_problems
+    from tune_dynsdpb.console import arm_problems
 
     out, state = diverged
     arm = state.arms["rte/dlb"]

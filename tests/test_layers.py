@@ -176,3 +176,29 @@ def test_the_walk_sees_function_level_and_relative_imports():
 def test_the_circle_finder_finds_circles():
     graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}, "e": {"e": 1}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def imports_inside_functions(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every import statement inside a function of ``path``."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    found = set()
+    for node in ast.walk(ast.parse(text, str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found.update(sub.lineno for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom)))
+    return [(n, lines[n - 1].strip()) for n in sorted(found)]
+
+
+def test_an_import_inside_a_function_says_why():
+    """Imports sit at the top of a module. One inside a function says on its line why it waits: a
+    measured import cost only some calls need, Ray before ``set_ray_env``, an optional extra."""
+    bare = [f"{path.relative_to(ROOT)}:{n}: {line}" for path in MODULES.values()
+            for n, line in imports_inside_functions(path) if "#" not in line]
+    assert not bare, "imports inside functions without their reason (move them to the top, or say why):\n" + \
+        "\n".join(bare)
+
+
+def test_the_import_check_sees_nested_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\n\n\ndef f():\n    if True:\n        import json\n    import sys  # here: why\n")
+    assert imports_inside_functions(f) == [(6, "import json"), (7, "import sys  # here: why")]

@@ -92,7 +92,7 @@ def test_optuna_studies_hold_one_trial_per_tune_trial(tiny_sweep):
 
 def test_summary_names_the_trivial_baseline(tiny_sweep, capsys):
     from tune_dynsdpb.state import open_sweep
-    from tune_dynsdpb.sweep import print_summary
+    from tune_dynsdpb.console import print_summary
 
     out, _ = tiny_sweep
     print_summary(open_sweep(out), out)

@@ -393,7 +393,8 @@ def sweep_file(tmp_path, model, name, tasks, methods, points) -> str:
 
 
 def sweep(tmp_path_factory, tiny_bert, data_dir, name, **kw):
-    from tune_dynsdpb.sweep import EXPERIMENT, run_sweep
+    from tune_dynsdpb.state import EXPERIMENT
+    from tune_dynsdpb.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp(name)
     out = tmp / "sweep"

@@ -120,7 +120,7 @@ def run_ddp_trial(train_loop: Callable[[dict], None], config: dict, *, num_worke
     workers are gone, also when Tune stopped or killed the trial before its own cleanup ran."""
     if not V2:
         raise RuntimeError("run_ddp_trial needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED or set it to 1")
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchTrainer  # here: torch's Ray Train integration, only when a DDP trial runs
 
     ctx = tune.get_context()
     run_name = f"{name or 'ddp'}-{ctx.get_trial_id()}-{uuid.uuid4().hex[:6]}"  # fresh: no V2 auto-resume

@@ -149,7 +149,7 @@ def train_dynsdpb(config: dict, jobs: dict[str, Job], data: dict[str, tuple]) ->
     job = jobs[config[R.TASK]]
     train_dataset, eval_dataset = data[config[R.TASK]]
     if job.distributed:  # (Ray Train: 0.5 s to import, and only DDP trials need it)
-        from .distributed import run_ddp_trial
+        from .distributed import run_ddp_trial  # here: see the line above
         work = tempfile.mkdtemp(prefix="dynsdpb-ddp-")  # shared by the ranks of this node
         try:
             run_ddp_trial(_ddp_loop, {"config": config, "job": job, "train": train_dataset, "eval": eval_dataset,
@@ -197,7 +197,7 @@ def _step_of(checkpoint_dir: str) -> int:
 
 def _ddp_loop(payload: dict) -> None:
     """Runs on each Ray Train worker; rank 0 reports."""
-    from .distributed import get_resume_checkpoint, report
+    from .distributed import get_resume_checkpoint, report  # here: Ray Train, 0.5 s to import, only DDP trials need it
 
     torch.set_num_threads(1)
     resume = get_resume_checkpoint()

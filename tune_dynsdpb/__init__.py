@@ -19,15 +19,15 @@ __all__ = [
 def __getattr__(name):
     if name in ("consistency_kl", "consistency_mse", "consistency_term", "dynamic_alpha_tau",
                 "uncertainty_and_confidence"):
-        from . import losses
+        from . import losses  # (PEP 562: each name imports its module on first use)
         return getattr(losses, name)
     if name in ("PreviousBatchSampler", "SoftTargetCache"):
-        from . import sampler
+        from . import sampler  # (PEP 562)
         return getattr(sampler, name)
     if name in ("DynSDPBConfig", "DynSDPBTrainer"):
-        from . import trainer
+        from . import trainer  # (PEP 562; torch and transformers, ~5 s)
         return getattr(trainer, name)
     if name == "load_task":  # pulls in `datasets`
-        from .data import load_task
+        from .data import load_task  # (PEP 562; see the line above)
         return load_task
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,16 +21,27 @@ finals are not trained again).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Sequence
 
+from ray import tune
+
+from trainables.dynsdpb import eval_interval, train_dynsdpb
+
 from . import results as R
 from . import storage
 from .errors import StoreError, UserError
+from .experiment import check_resources, create_trainable, init_ray, prepare_tasks
+from .files import staged_output
 from .params import PAIRED_METHODS, passes_per_epoch
 from .report import write_report, write_cross_task
+from .search_space import Choices, Range, config_name
+from .searching import replay_config
 from .state import SweepState, open_sweep
+from .tracking import TAG_ARM, TAG_SWEEP, SweepTracker, open_tracking_uri
+from .tuning import checkpoint_uri, create_loggers, fit_tuner
 
 BUDGETS = ("epochs", "compute")
 
@@ -53,8 +64,6 @@ def final_configs(best: dict[str, dict], seeds: Sequence[int], budget: str) -> l
 def train_final(config: dict, jobs, data) -> None:
     """The sweep's trainable under its own name, so finals read apart from sweep trials in Tune
     and MLflow. ``config["seed"]`` seeds the run, the new head's initialization included."""
-    from trainables.dynsdpb import train_dynsdpb
-
     train_dynsdpb(config, jobs, data)
 
 
@@ -84,8 +93,6 @@ def run_compare(sweep_dir: str | Path, seeds: int = 5, budget: str = "epochs", m
     the reports (and the finals in them, ``finals.json``) stay, the error (:class:`StoreError`) names
     the store and the cause, and running the same command again uploads what the store lacks
     without training the finals again."""
-    from .tracking import SweepTracker, open_tracking_uri
-
     out = Path(sweep_dir).resolve()
     state = open_sweep(out)
     if budget not in BUDGETS:
@@ -135,15 +142,6 @@ def run_finals(out: Path, state: SweepState, spec, tracker, names: list[str], be
                grad_norm_steps: int | None, ray_address: str | None, ray_temp_dir: str | None,
                targets: dict[str, Path]) -> None:
     """The finals of ``names``, one Tuner for all, and each task's report written to disk."""
-    from ray import tune
-
-    from trainables.dynsdpb import eval_interval
-
-    from .experiment import check_resources, create_trainable, init_ray, prepare_tasks
-    from .files import staged_output
-    from .searching import replay_config
-    from .tuning import checkpoint_uri, create_loggers, fit_tuner
-
     init_ray(ray_address, ray_temp_dir)
     check_resources(spec, str(out))
     spec_one = spec.model_copy(update={"tasks": state.task_specs(names), "task": None})
@@ -222,8 +220,6 @@ def run_finals(out: Path, state: SweepState, spec, tracker, names: list[str], be
 def write_cross_task_report(out: Path, tracker=None) -> Path | None:
     """The cross-task table (tasks x arms, at each budget that has finals) in ``SWEEP/cross-task/``,
     rebuilt from every ``report-<budget>/<task>/finals.json``; logged to the parent run."""
-    import json
-
     per_task: dict[str, dict] = {}
     for budget in BUDGETS:
         for f in sorted((out / f"report-{budget}").glob("*/finals.json")):
@@ -249,12 +245,10 @@ def _report_state(state: SweepState, task: str) -> dict:
 def _reusable_finals(experiment: str, configs: list[dict]) -> list:
     """Finished trials of an earlier finals experiment (a local folder or a URI) whose config
     equals one of ``configs``."""
-    from ray.tune import Tuner
-
-    if not storage.is_dir(experiment) or not Tuner.can_restore(experiment):
+    if not storage.is_dir(experiment) or not tune.Tuner.can_restore(experiment):
         return []
     try:
-        grid = Tuner.restore(experiment, trainable=train_final).get_results()
+        grid = tune.Tuner.restore(experiment, trainable=train_final).get_results()
     except Exception:  # an unreadable or partial experiment: train everything again
         return []
     return [r for r in grid if R.classify(r.metrics, r.error is not None) is R.Outcome.FINISHED
@@ -264,8 +258,6 @@ def _reusable_finals(experiment: str, configs: list[dict]) -> list:
 def _discard_earlier_attempt(tracker, name: str) -> None:
     """Soft-deletes (``mlflow gc`` or a restore can follow) the MLflow runs of an earlier finals
     attempt whose report was never written or was removed, so the runs match the new report."""
-    from .tracking import TAG_ARM, TAG_SWEEP
-
     tracker.delete_runs(tracker.search({TAG_SWEEP: tracker.sweep_id, TAG_ARM: name}))
 
 
@@ -294,8 +286,6 @@ def collect_finals(grid, metric: str) -> tuple[list[dict], dict[str, list]]:
 def _sweep_trials(tracker, spec, task: str, method: str, metric: str, mode: str) -> list[dict]:
     """Each sweep trial of one arm, in start order: its searched parameters and its best reported
     score (None: never reported, or failed), read back from MLflow."""
-    from .search_space import Choices, Range, config_name
-
     searched = [config_name(k) for k, v in spec.params.arm(method).items() if isinstance(v, (Range, Choices))]
     runs = sorted(tracker.trial_runs(task, method), key=lambda r: r.info.start_time or 0)
     out = []

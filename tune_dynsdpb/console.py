@@ -8,10 +8,14 @@ arms without a scored trial (the CLI exits 1 on them).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 from ray import tune
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from . import results as R
 from .baselines import learned_line
@@ -23,10 +27,6 @@ from .storage import redact
 def console():
     """rich's console; written to a file or a pipe (a log, CI), it is wide enough for the tables,
     and commands and paths stay whole, to copy and paste."""
-    import sys
-
-    from rich.console import Console
-
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
@@ -64,9 +64,6 @@ class ProgressTable:
         self._render()
 
     def _render(self) -> None:
-        from rich.live import Live
-        from rich.table import Table
-
         n = self.state.num_samples
         t = Table(title=f"tune-dynsdpb sweep {self.state.spec['name']}", expand=False)
         for col in ("task", "arm", "done", "running", "pending", "failed", "best so far", "ETA"):
@@ -137,8 +134,6 @@ def arm_problems(state: SweepState) -> list[str]:
 
 
 def print_summary(state: SweepState, out: Path) -> None:
-    from rich.table import Table
-
     out_console = console()
     for name, task in state.tasks.items():
         t = Table(title=f"{name}: best per arm ({task.metric}, {task.mode})")

@@ -37,13 +37,13 @@ _CACHE_VERSION = 2  # bump when the tokenized layout changes (2: causal-LM sampl
 # scikit-learn computes them; these wrappers only fix the GLUE conventions (which class is
 # positive, 0 rather than NaN or an exception where a score is undefined or there are no rows).
 def accuracy(preds, labels) -> float:
-    from sklearn.metrics import accuracy_score
+    from sklearn.metrics import accuracy_score  # here: scikit-learn, ~1.1 s, only when a metric is computed
     return float(accuracy_score(np.asarray(labels), np.asarray(preds))) if len(labels) else 0.0
 
 
 def f1_binary(preds, labels) -> float:
     """F1 of the positive class (label 1), as GLUE reports for MRPC and QQP; 0 when undefined."""
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score  # here: see accuracy
     if not len(labels):
         return 0.0
     return float(f1_score(np.asarray(labels), np.asarray(preds), labels=[1], average="macro", zero_division=0))
@@ -51,7 +51,7 @@ def f1_binary(preds, labels) -> float:
 
 def macro_f1(preds, labels) -> float:
     """Unweighted mean of per-class F1 over the classes seen in labels or predictions."""
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score  # here: see accuracy
     p, y = np.asarray(preds), np.asarray(labels)
     if not len(y):
         return 0.0
@@ -60,7 +60,7 @@ def macro_f1(preds, labels) -> float:
 
 def matthews(preds, labels) -> float:
     """Matthews correlation (multi-class form); 0 when undefined, as scikit-learn reports it."""
-    from sklearn.metrics import matthews_corrcoef
+    from sklearn.metrics import matthews_corrcoef  # here: see accuracy
     return float(matthews_corrcoef(np.asarray(labels), np.asarray(preds))) if len(labels) else 0.0
 
 
@@ -74,7 +74,7 @@ def _corr(fn):
 
 
 def _metric_table():
-    from scipy import stats
+    from scipy import stats  # here: ~0.7 s, only for the correlation metrics
     return {"accuracy": accuracy, "f1": f1_binary, "macro_f1": macro_f1, "matthews_correlation": matthews,
             "pearson": _corr(stats.pearsonr), "spearmanr": _corr(stats.spearmanr)}
 
@@ -513,7 +513,7 @@ class TruncationCount:
 
 
 def _lengths(tokenizer, columns: list[list[str]], special: bool) -> list[int]:
-    import transformers
+    import transformers  # here: loaded by the tokenizer's maker; ~2.5 s data.py alone skips
 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum": that is the point

@@ -88,7 +88,7 @@ def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: b
     reads ``RAY_AUTH_MODE`` once, when it is first imported: call :func:`set_ray_env` before
     anything imports ``ray``, as the CLI does.)"""
     set_ray_env(address)
-    import ray
+    import ray  # here: set_ray_env must run before ray is first imported
 
     quiet_libraries(verbose)
     if ray.is_initialized():
@@ -113,7 +113,7 @@ def init_ray(address: str | None = None, temp_dir: str | None = None, verbose: b
 
 def check_resources(spec: SweepSpec, where: str) -> None:
     """Rejects a per-trial request that no node (or, for multi-worker trials, no cluster) can meet."""
-    import ray
+    import ray  # here: see init_ray
 
     r = spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -128,14 +128,14 @@ def check_resources(spec: SweepSpec, where: str) -> None:
 
 
 def trial_resources(spec: SweepSpec):
-    from trainables.distributed import create_trial_resources
+    from trainables.distributed import create_trial_resources  # here: the trainables import Ray (see init_ray)
     r = spec.resources
     return create_trial_resources(r.cpus_per_trial, r.gpus_per_trial, r.workers_per_trial)
 
 
 def max_concurrent(spec: SweepSpec) -> int | None:
     """Multi-worker trials reserve their workers outside Tune's view, so Tune must be told how many fit."""
-    from trainables.distributed import max_concurrent_ddp_trials
+    from trainables.distributed import max_concurrent_ddp_trials  # here: see trial_resources
     r = spec.resources
     caps = [c for c in (spec.budget.max_concurrent,
                         max_concurrent_ddp_trials(r.cpus_per_trial, r.gpus_per_trial) if r.distributed else None) if c]
@@ -169,7 +169,7 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
     Truncation is counted for every split, and handed to ``say`` (e.g. ``print``) as one line per
     task; it is refused only above the task's ``max_truncated_fraction``, or where dropping the
     causal-LM samples whose answer would lose tokens leaves a split empty."""
-    from trainables.dynsdpb import Job
+    from trainables.dynsdpb import Job  # here: see trial_resources
 
     lora = spec.lora.model_dump() if spec.lora else None
     out: dict[str, PreparedTask] = {}
@@ -208,7 +208,7 @@ def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> No
     """Two real training steps per task with the first arm's first point, in this process, so that
     a setting that would fail in every trial (an unknown optimizer, fp16 on a CPU, LoRA modules the
     model lacks, a tokenizer without a pad token, ...) fails once, now, with one line."""
-    from trainables.dynsdpb import fit
+    from trainables.dynsdpb import fit  # here: see trial_resources
 
     from .searching import create_points_to_evaluate  # (imports Ray)
 
@@ -242,9 +242,9 @@ def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> No
 
 def create_trainable(spec: SweepSpec, tasks: dict[str, PreparedTask], trainable=None):
     """The Tune trainable with every task's Job and data by reference, and the trial's resources."""
-    from ray import tune
+    from ray import tune  # here: see init_ray
 
-    from trainables.dynsdpb import train_dynsdpb
+    from trainables.dynsdpb import train_dynsdpb  # here: see trial_resources
 
     jobs = {name: t.job for name, t in tasks.items()}
     data = {name: (t.train, t.eval) for name, t in tasks.items()}

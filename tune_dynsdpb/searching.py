@@ -24,17 +24,27 @@ opens in ``optuna-dashboard``.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import pickle
+import sys
 import warnings
 from typing import Any, Optional
 
+import optuna
+from optuna.storages.journal import JournalFileBackend
+from ray import tune
+from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 from . import results as R
-from .search_space import (PAIRED, PBT_IS_DLB, PBT_MUTABLE, Choices, Range, SweepSpec, _contains, config_name,
-                           max_reports, pbt_replays_dlb, perturbation_interval)
+from .errors import UserError
+from .params import check_value
+from .search_space import (DEFAULT_POINTS, PAIRED, PBT_IS_DLB, PBT_MUTABLE, Choices, Range, SweepSpec, _contains,
+                           config_name, max_reports, pbt_replays_dlb, perturbation_interval)
 
 Group = tuple[str, str]  # (task, method)
 
@@ -79,8 +89,6 @@ def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
     DLB's τ0=3, α0=1; DynSDPB with the rates and warm-up DLB with the warm-up found best on real
     data, never a point where an arm trains another arm), keeping only searched keys inside the
     declared space."""
-    from .search_space import DEFAULT_POINTS
-
     searched = {k: v for k, v in spec.params.arm(method).items() if isinstance(v, (Range, Choices))}
     if spec.points_to_evaluate is not None and method in spec.points_to_evaluate:
         return [{config_name(k): v for k, v in p.items()} for p in spec.points_to_evaluate[method] if p]
@@ -91,9 +99,6 @@ def create_points_to_evaluate(spec: SweepSpec, method: str) -> list[dict]:
 
 def create_optuna_search(spec: SweepSpec, group: Group, storage=None):
     """The OptunaSearch of one group: TPE (multivariate, grouped, seeded by the file's seed)."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(multivariate=True, group=True, seed=spec.seed)
@@ -107,8 +112,6 @@ def _finished_in_storage():
     """A driver killed after it told the study a trial's end, but before Tune saved the searcher,
     comes back (``Tuner.restore``) with that trial still open in memory; the study's storage has it
     finished already, which is the truth: the repeated report is dropped."""
-    import optuna
-
     try:
         yield
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -231,8 +234,6 @@ def create_pbt(spec: SweepSpec) -> PopulationBasedTraining:
     ×0.8 or ×1.2, or a resample, clipped to the ranges) or ``pb2`` (Tune's ``PB2``, Parker-Holder
     et al. 2020: a time-varying GP bandit on the population's reward changes picks α0/τ0 within
     the ranges)."""
-    from ray import tune
-
     mutations, ranges = {}, {}
     for name in PBT_MUTABLE:
         p = getattr(spec.params.pbt, name)
@@ -363,8 +364,6 @@ class GroupedASHA(FIFOScheduler):
 
 
 def _say_released(trial, group: Group) -> None:
-    import sys
-
     print(f"tune-dynsdpb: {group[0]}/{group[1]}: after the resume, member {trial.trial_id} goes on with its own "
           "alpha0/tau0 past a perturbation point its population had not reached together before the interruption "
           "(Tune keeps no scheduler state across a resume)", file=sys.stderr, flush=True)
@@ -392,12 +391,7 @@ def learned_schedule(checkpoint: str) -> Optional[list]:
     """The ``[[step, alpha, tau], ...]`` schedule a dlb/pbt checkpoint followed up to its step (the
     trainer writes it into every checkpoint), or None if the checkpoint has none. ``checkpoint``
     may be a local path or a storage URI."""
-    import json
-    import os
-
-    from ray.tune import Checkpoint
-
-    from .trainer import SCHEDULE_FILE
+    from .trainer import SCHEDULE_FILE  # here: the trainer imports torch and transformers (~5 s)
 
     try:
         with Checkpoint(checkpoint).as_directory() as folder:
@@ -422,9 +416,6 @@ def replay_config(best: dict) -> dict:
     """The config that re-runs an arm's best trial (``compare``'s finals): its config, and for a
     pbt arm the learned schedule, which the trainer then follows from step 0 (dlb's loss; the
     schedule fixed, no population)."""
-    from .errors import UserError
-    from .params import check_value
-
     config = dict(best["config"])
     if best.get("schedule"):
         problem = check_value("schedule", best["schedule"])  # e.g. a hand-edited sweep.json
@@ -475,8 +466,6 @@ def use_journal(path: str | None) -> None:
 def reopen_journal(searcher: "RoundRobinSearcher", path: str) -> None:
     """Points every group's study (one JournalStorage shared by all of them and their trials) at
     the journal file ``path``."""
-    from optuna.storages.journal import JournalFileBackend
-
     for s in searcher.searchers.values():
         journal = getattr(s, "_storage", None)
         backend = getattr(journal, "_backend", None)
@@ -486,9 +475,6 @@ def reopen_journal(searcher: "RoundRobinSearcher", path: str) -> None:
 
 def create_journal_storage(path: str):
     """Optuna's journal storage in the sweep folder: ``optuna-dashboard <path>`` opens its studies."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
     return optuna.storages.JournalStorage(JournalFileBackend(path))
 
 

@@ -50,6 +50,7 @@ from . import storage
 from .errors import UserError, one_line
 from .files import write_atomic
 from .results import Outcome
+from .search_space import SweepSpec, parse_search_space
 
 STATE_FILE = "sweep.json"
 LOCK_FILE = ".lock"
@@ -119,8 +120,7 @@ class SweepState(_Model):
     finished: Optional[float] = None
     disk_bytes: Optional[int] = None
 
-    def sweep_spec(self):
-        from .search_space import parse_search_space
+    def sweep_spec(self) -> SweepSpec:
         return parse_search_space(self.spec, self.spec_path)
 
     def task_specs(self, names=None):

@@ -23,7 +23,11 @@ import tempfile
 import urllib.parse
 from typing import Iterator
 
+from pyarrow import fs as pafs
+from pyarrow.fs import FileSelector, FileType
+
 from .errors import UserError, one_line
+from .files import write_atomic
 
 S3_CONNECT_TIMEOUT_S = 5.0
 S3_REQUEST_TIMEOUT_S = 30.0
@@ -75,8 +79,6 @@ def _s3(parts: urllib.parse.SplitResult):
     """An S3 filesystem with short timeouts and bounded retries; endpoint and region from the
     environment (``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, ``AWS_REGION``/``AWS_DEFAULT_REGION``),
     credentials from the default AWS chain. Buckets are never created or deleted."""
-    from pyarrow import fs
-
     kwargs = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -86,23 +88,21 @@ def _s3(parts: urllib.parse.SplitResult):
         kwargs["region"] = region
     elif not endpoint:  # AWS itself: the bucket's own region, as from_uri finds it
         with contextlib.suppress(Exception):
-            kwargs["region"] = fs.resolve_s3_region(parts.netloc)
-    return fs.S3FileSystem(connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
-                           retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
-                           allow_bucket_creation=False, allow_bucket_deletion=False, **kwargs)
+            kwargs["region"] = pafs.resolve_s3_region(parts.netloc)
+    return pafs.S3FileSystem(connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+                             allow_bucket_creation=False, allow_bucket_deletion=False, **kwargs)
 
 
 def filesystem(location: str):
     """``(pyarrow filesystem, path in it)`` of a location."""
-    from pyarrow import fs
-
     if not is_uri(location):
-        return fs.LocalFileSystem(), normalize(location)
+        return pafs.LocalFileSystem(), normalize(location)
     parts = urllib.parse.urlsplit(location)
     if parts.scheme in ("s3", "s3a") and not parts.query and "@" not in parts.netloc:
         return _s3(parts), f"{parts.netloc}{parts.path}".rstrip("/")
     try:
-        return fs.FileSystem.from_uri(location)
+        return pafs.FileSystem.from_uri(location)
     except (OSError, ValueError) as e:
         raise UserError(f"--storage-path: {redact(location)}: {one_line(e)}") from None
 
@@ -122,20 +122,14 @@ def _info(location: str):
 
 
 def exists(location: str) -> bool:
-    from pyarrow.fs import FileType
-
     return _info(location)[2].type != FileType.NotFound
 
 
 def is_dir(location: str) -> bool:
-    from pyarrow.fs import FileType
-
     return _info(location)[2].type == FileType.Directory
 
 
 def is_file(location: str) -> bool:
-    from pyarrow.fs import FileType
-
     return _info(location)[2].type == FileType.File
 
 
@@ -153,8 +147,6 @@ def write_bytes(location: str, data: bytes) -> None:
     """Writes a whole object or file; readers see the old one or the new one (a local file is
     replaced atomically, an object store's PUT is atomic)."""
     if not is_uri(location):
-        from .files import write_atomic
-
         path = normalize(location)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, data.decode("utf-8"))  # (what is kept here is text: JSON, the journal)
@@ -177,8 +169,6 @@ def delete_file(location: str) -> None:
 
 def rmtree(location: str) -> None:
     """Removes a folder (a prefix) and everything under it; nothing to do when it is not there."""
-    from pyarrow.fs import FileType
-
     fs, path = filesystem(location)
     if fs.get_file_info(path).type == FileType.Directory:
         fs.delete_dir(path)
@@ -186,8 +176,6 @@ def rmtree(location: str) -> None:
 
 def list_dir(location: str) -> dict[str, bool]:
     """``{name: is a folder}`` of what is directly under ``location`` (empty when it is not there)."""
-    from pyarrow.fs import FileSelector, FileType
-
     fs, path = filesystem(location)
     infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
     return {i.base_name: i.type == FileType.Directory for i in infos}
@@ -195,8 +183,6 @@ def list_dir(location: str) -> dict[str, bool]:
 
 def find(location: str, name: str) -> list[str]:
     """Every file called ``name`` under ``location``, as locations."""
-    from pyarrow.fs import FileSelector, FileType
-
     fs, path = filesystem(location)
     infos = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
     found = [i.path for i in infos if i.type == FileType.File and i.base_name == name]
@@ -205,8 +191,6 @@ def find(location: str, name: str) -> list[str]:
 
 def size(location: str) -> int:
     """Bytes of every file under ``location`` (0 when it is not there)."""
-    from pyarrow.fs import FileSelector, FileType
-
     fs, path = filesystem(location)
     infos = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
     return sum(i.size or 0 for i in infos if i.type == FileType.File)
@@ -214,8 +198,6 @@ def size(location: str) -> int:
 
 def download(location: str, local: str) -> None:
     """Copies a file, or a folder with everything under it, to the local path ``local``."""
-    from pyarrow import fs as pafs
-
     fs, path = filesystem(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -250,8 +232,6 @@ def check_storage(location: str, flag: str = "--storage-path") -> None:
     or an unreachable endpoint fails here, in seconds, with one line naming the location (its
     credentials redacted) and the cause, before any trial or MLflow run exists. A missing bucket is
     never created; a local folder that does not exist yet is not made (its parent is checked)."""
-    from pyarrow.fs import FileType
-
     shown = redact(location)
     try:
         fs, path = filesystem(location)

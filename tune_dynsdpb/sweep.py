@@ -34,7 +34,7 @@ from ray import tune
 
 from . import results as R
 from . import storage
-from .console import ProgressCallback, ProgressTable, arm_problems, print_header, print_summary  # noqa: F401
+from .console import ProgressCallback, ProgressTable, print_header, print_summary
 from .errors import UserError
 from .experiment import check_resources, create_trainable, init_ray, preflight, prepare_tasks, quiet_libraries
 from .params import passes_per_epoch
@@ -45,12 +45,7 @@ from .state import (EXPERIMENT, JOURNAL_FILE, STATE_FILE, ArmState, BestTrial, S
                     mirror_journal, open_stored_sweep, open_sweep, own_folder)
 from .tracking import (SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri,
                        open_tracking_uri, redact_uri, use_tracking_uri)
-from .tuning import (CheckpointPruner, JournalMirror, checkpoint_uri, complete, configure_tune,  # noqa: F401
-                     create_loggers, create_tuner, fit_tuner)
-
-OPTUNA_JOURNAL = JOURNAL_FILE
-_configure_tune = configure_tune      # the names benchmarks/ used before the split
-_ProgressCallback = ProgressCallback
+from .tuning import CheckpointPruner, JournalMirror, checkpoint_uri, configure_tune, create_tuner, fit_tuner
 
 
 # -- 1. open the sweep ----------------------------------------------------------------------------
@@ -192,7 +187,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
 def prepare(run: _Sweep, data_dir: str | None, progress: bool) -> dict:
     """Each task made ready; a new sweep's preflight and first state, or a resume's data check."""
     spec, state = run.spec, run.state
-    model_path = state.model_path if state else _model_path(spec.model)
+    model_path = state.model_path if state else resolve_model_path(spec.model)
     tasks = prepare_tasks(spec, model_path, run.out / "cache", run.where, data_dir=None if state else data_dir,
                           say=print)
     if state is not None:
@@ -223,10 +218,6 @@ def prepare(run: _Sweep, data_dir: str | None, progress: bool) -> dict:
             run.state.arm(n, m)
     run.state.save(run.out)
     return tasks
-
-
-def _model_path(model: str) -> str:
-    return resolve_model_path(model)
 
 
 def order_groups(tasks: dict, methods: Sequence[str]) -> list[tuple[str, str]]:
@@ -375,5 +366,4 @@ def _disk_use(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-__all__ = ["run_sweep", "create_spec", "order_groups", "collect_outcomes", "arm_problems", "print_summary",
-           "EXPERIMENT", "OPTUNA_JOURNAL"]
+__all__ = ["run_sweep", "create_spec", "order_groups", "collect_outcomes"]

@@ -20,19 +20,21 @@ import sys
 import threading
 import time
 
+import ray
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 
 from . import results as R
 from . import storage
+from .experiment import max_concurrent, sigterm_as_interrupt
 from .search_space import SweepSpec
-from .state import EXPERIMENT
+from .searching import create_journal_storage, create_scheduler, create_searcher
+from .state import EXPERIMENT, JOURNAL_FILE, mirror
 
 
 def configure_tune(spec: SweepSpec) -> None:
     """With a search algorithm Tune keeps one pending trial by default; let it queue as many as
     the cluster has slots, so new trials start as fast as old ones end."""
-    import ray
-
     cpus = ray.cluster_resources().get("CPU", 1)
     slots = int(cpus // max(spec.resources.cpus_per_trial, 1e-9)) or 1
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(slots, 2)))
@@ -44,8 +46,6 @@ def create_loggers() -> list:
     :func:`fit_tuner` runs: every trial is tracked in MLflow, and the TensorBoard writer alone took
     a quarter of the driver's loop at 32 results/s (``benchmarks/sweep_scale.py``). A user who
     sets ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0`` gets them back."""
-    from ray.tune.logger import JsonLoggerCallback
-
     return [JsonLoggerCallback()]
 
 
@@ -64,9 +64,6 @@ def _without_default_loggers():
 def create_tuner(spec: SweepSpec, groups: list, trainable, storage_path: str, callbacks: list,
                  journal: str | None):
     """One Tuner for every (task, arm) group: round-robin Optuna searcher, grouped ASHA."""
-    from .experiment import max_concurrent
-    from .searching import create_journal_storage, create_scheduler, create_searcher
-
     storage_obj = create_journal_storage(journal) if journal else None
     return tune.Tuner(
         trainable,
@@ -91,8 +88,6 @@ def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = No
     Tune saves the experiment and returns. Tune swaps in its own SIGINT handler for the run and
     puts the previous one back only when the signal arrives, so the handler in place afterwards
     tells whether the run was interrupted; the results' ``done`` flags catch the rest."""
-    from .experiment import sigterm_as_interrupt
-
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if main else None
     start = time.monotonic()
@@ -211,8 +206,6 @@ class JournalMirror(tune.Callback):
     _last = 0.0
 
     def _upload(self, force: bool = True) -> None:
-        from .state import JOURNAL_FILE, mirror
-
         now = time.monotonic()
         if JournalMirror.current is None or (not force and now - JournalMirror._last < self.period_s):
             return

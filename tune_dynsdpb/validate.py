@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from .experiment import preflight, prepare_tasks, quiet_libraries
+from .run import resolve_model_path
+from .sweep import create_spec
+
 
 def validate(spec_path: str | Path, data_dir: str | None = None, overrides: Sequence[str] = ()) -> list[str]:
     """Raises a one-line UserError on the first problem; returns what was checked, line by line."""
-    from .experiment import preflight, prepare_tasks, quiet_libraries
-    from .run import resolve_model_path
-    from .sweep import create_spec
-
     quiet_libraries()
     spec = create_spec(spec_path, overrides=overrides)
     where = str(spec.path or spec_path)
