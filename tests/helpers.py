@@ -179,28 +179,29 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
-def wait_for_finished_trials(storage_path: str, proc, n: int = 1, timeout: float = 300) -> None:
-    """Until ``n`` trials have sent their last report (its ``final`` key) to the ``result.json``
-    files under ``storage_path`` (a folder or a URI), which Tune writes as each report arrives.
-    (MLflow, written in turns of up to 5 s, may show the first finished trial only when a small
-    sweep is nearly over: a signal sent then comes too late.) Fails if ``proc`` ends first."""
-    import json
-
+def wait_for_finished_trials(out: Path, proc, n: int = 1, timeout: float = 300) -> None:
+    """Until ``n`` trials have ended (COMPLETE or PRUNED) in the Optuna journal of the sweep folder
+    ``out``, which the driver writes the moment Tune hands it a trial's end. (Not Tune's
+    ``result.json`` on the storage path: on S3 Tune uploads it in the background, so a small sweep
+    could be over before the first one shows; not MLflow, written in turns of up to 5 s.) Fails if
+    ``proc`` ends first."""
+    import optuna
     import pytest
 
-    from tune_dynsdpb import results as R
-    from tune_dynsdpb import storage
+    from tune_dynsdpb.searching import create_journal_storage
+    from tune_dynsdpb.state import JOURNAL_FILE
+
+    journal = Path(out) / JOURNAL_FILE
+    ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def finished() -> bool:
         if proc.poll() is not None:
             pytest.fail("the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:])
-        done = 0
-        for f in storage.find(str(storage_path), "result.json"):
-            lines = [line for line in storage.read_text(f).splitlines() if line.strip()]
-            try:
-                done += any(json.loads(line).get(R.FINAL) for line in lines)
-            except ValueError:  # a line being written
-                continue
+        if not journal.is_file():
+            return False
+        storage = create_journal_storage(str(journal))
+        done = sum(len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False, states=ended))
+                   for name in optuna.get_all_study_names(storage))
         return done >= n
 
     wait_for(finished, timeout, f"{n} finished trial(s)", interval=0.3)

@@ -359,7 +359,7 @@ def test_a_sweep_resumed_from_the_storage_path_alone_then_compared_through_a_fai
                  "RAY_AUTH_MODE": "disabled"},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            helpers.wait_for_finished_trials(uri, first)
+            helpers.wait_for_finished_trials(old, first)
             os.kill(first.pid, signal.SIGINT)
             assert first.wait(timeout=180) == 130, first.stderr.read()[-2000:]
         finally:

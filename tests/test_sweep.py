@@ -182,7 +182,7 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
     env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
     proc = helpers.start_sweep(spec, data_dir, out, env)
     try:
-        helpers.wait_for_finished_trials(out / "ray", proc)
+        helpers.wait_for_finished_trials(out, proc)
     finally:
         code, err = helpers.signal_driver(proc, sig)
     if sig == signal.SIGKILL:
