@@ -249,6 +249,7 @@ def service_env(st: dict) -> dict:
     env.pop("RAY_AUTH_TOKEN", None)  # ours comes from RAY_AUTH_TOKEN_PATH
     env["RAY_TMPDIR"] = st["sockets"]
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")  # what tune_dynsdpb.experiment.WORKER_ENV says, for the nodes
     return env
 
 
@@ -273,7 +274,10 @@ def start_s3(st: dict, d: Path) -> dict:
            # bucket takes its own volumes, and with weed's defaults (8 volumes of 30 GB on a small
            # disk) a new bucket fails with "no writable volumes"; a fixed count (64 x 64 MB = 4 GB)
            # fills up with one real-model sweep (each MiniLM checkpoint, optimizer included, ~270 MB)
-           "-volume.max=0", "-master.volumeSizeLimitMB=64", "-master.telemetry=false"]
+           "-volume.max=0", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+           # no Iceberg catalog, no Lance namespace: their fixed default ports (8181, 9101) made a
+           # second local cluster on the machine fail to start ("bind: address already in use")
+           "-s3.port.iceberg=0", "-s3.port.lance=0"]
     return spawn(cmd, d / "logs" / "s3.log", service_env(st), cwd=data)
 
 
