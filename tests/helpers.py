@@ -117,8 +117,10 @@ def init_ray(tmp: str, env: dict | None = None, setup_hook: str | None = None) -
 
     import ray
 
+    from tune_dynsdpb.experiment import WORKER_ENV
+
     tests = Path(__file__).resolve().parent
-    env = {"PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]),
+    env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]),
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # the Train controller polls reports every 2 s
            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",  # fewer processes
            **(env or {})}

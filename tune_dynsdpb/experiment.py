@@ -34,11 +34,21 @@ from .run import load_model
 from .search_space import PAIRED, Choices, Range, SweepSpec, TaskSpec, config_name, resolve_metric
 
 
+# What the trial actors need in their environment. TUNE_FUNCTION_THREAD_TIMEOUT_S: a pbt member
+# that PBT/PB2 moves to new alpha0/tau0 is reset in its actor, and Tune gives the stopped training
+# thread 2 s to end before it fails the trial ("Could not re-use actor"); a trial's thread unwinds
+# its Trainer and frees its memory first, which took longer on a loaded 2-core machine (seen in CI).
+# A local Ray's workers inherit these from the driver; on `ray start` nodes, set them there.
+WORKER_ENV = {"TUNE_FUNCTION_THREAD_TIMEOUT_S": "60"}
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """Our live table replaces Ray's console output; keep Ray, Optuna, datasets and transformers
     to warnings (everything shows with ``verbose``)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for k, v in WORKER_ENV.items():  # (the workers of a local Ray inherit them)
+        os.environ.setdefault(k, v)
     os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
     if verbose:
         return
