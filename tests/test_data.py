@@ -11,6 +11,7 @@ from scipy import stats
 from tune_dynsdpb.data import (Task, TruncationCount, accuracy, check_truncation, count_truncation, f1_binary,
                                list_tasks, load_task, macro_f1, matthews, tokenize_task, truncation_summary)
 from tune_dynsdpb.errors import UserError
+from tune_dynsdpb.run import check_head
 
 
 def raises_user_error(fn, *needles):
@@ -235,12 +236,12 @@ def test_compute_metrics(data_dir):
 
 
 def test_check_head(data_dir):
-    load_task("rte", data_dir).check_head(2)
-    raises_user_error(lambda: load_task("rte", data_dir).check_head(1), "train label 1", "num_labels=1")
-    load_task("cb", data_dir).check_head(3)
-    raises_user_error(lambda: load_task("cb", data_dir).check_head(1), "train label 1", "contradiction")
-    raises_user_error(lambda: load_task("stsb", data_dir).check_head(2), "stsb", "num_labels=2")
-    load_task("gsm8k", data_dir).check_head(0)
+    check_head(load_task("rte", data_dir), 2)
+    raises_user_error(lambda: check_head(load_task("rte", data_dir), 1), "train label 1", "num_labels=1")
+    check_head(load_task("cb", data_dir), 3)
+    raises_user_error(lambda: check_head(load_task("cb", data_dir), 1), "train label 1", "contradiction")
+    raises_user_error(lambda: check_head(load_task("stsb", data_dir), 2), "stsb", "num_labels=2")
+    check_head(load_task("gsm8k", data_dir), 0)
 
 
 # ----------------------------------------------------------------------------- tokenization + cache

@@ -71,11 +71,11 @@ def test_round_robin_keeps_groups_level_and_finishes():
 
 
 def test_each_round_sends_the_costliest_trials_first():
-    """sweep.order_groups: train tokens x passes per sample and epoch, most first; ties keep the
+    """experiment.order_groups: train tokens x passes per sample and epoch, most first; ties keep the
     spec's order. cola's 3 x 10-token samples cost less than rte's 2 x 20 (20 + 20 > 3 x 10)."""
     from types import SimpleNamespace
 
-    from tune_dynsdpb.sweep import order_groups
+    from tune_dynsdpb.experiment import order_groups
 
     tasks = {"rte": SimpleNamespace(train={"input_ids": [[0] * 20] * 2}),
              "cola": SimpleNamespace(train={"input_ids": [[0] * 10] * 3})}

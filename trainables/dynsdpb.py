@@ -106,6 +106,10 @@ class _TuneReporter(TrainerCallback):
                 json.dump({k: result[k] for k in (R.OBJECTIVE, R.STEP) if k in result}, f)
         self.report(result, folder)
 
+    def fail(self, state, reason: str) -> None:
+        """The last report of a run that diverged: it carries the reason, and no checkpoint."""
+        self.report(self.result(state, final=True, failure=reason), None)
+
     def result(self, state, final: bool, failure: str | None = None) -> dict:
         out = {**self.train_log, **self.eval_metrics, **self.group, R.STEP: state.global_step,
                "epoch": state.epoch or 0.0, R.SAMPLE_PASSES: state.global_step * self.samples_per_step, R.FINAL: final}
@@ -132,15 +136,15 @@ def fit(config: dict, job: Job, train_dataset, eval_dataset, report: Callable[[d
         output_dir=output_dir, method=group[R.METHOD], per_device_train_batch_size=batch, eval_strategy="steps",
         eval_steps=every, save_strategy="steps", save_steps=every, save_total_limit=1, report_to=[],
         ddp_backend="gloo" if job.gpus_per_trial == 0 and world_size > 1 else None, **kwargs)
-    model, tokenizer = load_model(job.model_path, job.task, lora=job.lora, seed=args.seed)
     accumulation = int(job.training.get("gradient_accumulation_steps", 1))
     reporter = _TuneReporter(report, job, group, batch * accumulation * world_size)
+    model, tokenizer = load_model(job.model_path, job.task, lora=job.lora, seed=args.seed)
     trainer = create_trainer(job.task, model, tokenizer, train_dataset, eval_dataset, args, callbacks=[reporter])
     trainer.remove_callback(PrinterCallback)  # the reports carry the logs; nothing for a console
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except TrainingDiverged as e:  # a failed trial, not a crash to retry: report why and end
-        report(reporter.result(trainer.state, final=True, failure=str(e)), None)
+        reporter.fail(trainer.state, str(e))
 
 
 def train_dynsdpb(config: dict, jobs: dict[str, Job], data: dict[str, tuple]) -> None:

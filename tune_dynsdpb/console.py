@@ -147,9 +147,10 @@ def print_summary(state: SweepState, out: Path) -> None:
             if arm is None:
                 continue
             b = arm.best
+            config = short_config(b.config) if b else "-"
             t.add_row(m, "-" if b is None else f"{b.score:.4f}",
                       learned_line(b.score if b else None, task.baseline, task.metric, task.mode),
-                      "/".join(str(arm.counts.get(o.value, 0)) for o in R.Outcome), short_config(b.config) if b else "-")
+                      "/".join(str(arm.counts.get(o.value, 0)) for o in R.Outcome), config)
         out_console.print(t, soft_wrap=False)
     uri = state.tracking_uri
     out_console.print(f"MLflow: experiment '{state.spec['name']}', parent run {state.parent_run_id}")

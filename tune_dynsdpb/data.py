@@ -114,19 +114,6 @@ class Task:
         table = _metric_table()
         return {m: table[m](preds, labels) for m in self.metrics}
 
-    def check_head(self, num_labels: int) -> None:
-        """Raise if a model head of ``num_labels`` outputs cannot fit this task's labels."""
-        if self.kind == "regression" and num_labels != 1:
-            raise UserError(f"task {self.name} is regression and needs a head of size 1, got num_labels={num_labels}")
-        if self.kind != "classification":
-            return
-        for split, ds in (("train", self.train), ("eval", self.eval)):
-            labels = np.asarray(ds.select_columns(["label"])[:]["label"], dtype=np.int64)
-            bad = labels[(labels < 0) | (labels >= num_labels)]
-            if bad.size:
-                raise UserError(f"task {self.name}: {split} label {int(bad[0])} does not fit a head of "
-                                f"num_labels={num_labels} (task has {self.num_labels}: {', '.join(self.label_names or ())})")
-
 
 # ----------------------------------------------------------------------------- the task table
 def _copa(c: dict) -> dict:

@@ -30,7 +30,8 @@ import transformers
 from .baselines import trivial_baseline
 from .data import check_truncation, count_truncation, fingerprint, load_task, tokenize_task, truncation_summary
 from .errors import UserError, one_line
-from .run import load_model
+from .params import passes_per_epoch
+from .run import load_model, resolve_model_path
 from .search_space import PAIRED, Choices, Range, SweepSpec, TaskSpec, config_name, resolve_metric
 
 
@@ -172,9 +173,10 @@ class PreparedTask:
         return truncation_summary(self.truncation)
 
 
-def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str, data_dir: str | None = None,
+def prepare_tasks(spec: SweepSpec, model: str, cache_dir: Path, where: str, data_dir: str | None = None,
                   say=None) -> dict[str, PreparedTask]:
-    """Loads, checks and tokenizes every task of ``spec`` (``data_dir`` overrides the file's).
+    """Loads, checks and tokenizes every task of ``spec`` (``data_dir`` overrides the file's) for
+    ``model`` (resolved by :func:`~tune_dynsdpb.run.resolve_model_path`: each Job holds the path).
 
     Truncation is counted for every split, and handed to ``say`` (e.g. ``print``) as one line per
     task; it is refused only above the task's ``max_truncated_fraction``, or where dropping the
@@ -187,6 +189,7 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
         task = load_task(ts.task, data_dir or ts.data_dir, max_train_samples=ts.max_train_samples,
                          max_eval_samples=ts.max_eval_samples, seed=spec.seed)
         metric, mode = resolve_metric(ts, task.metrics or (task.metric,), task.metric, task.metric_mode, where)
+        model_path = resolve_model_path(model)  # (a folder, or an installed model package's)
         try:
             _, tokenizer = load_model(model_path, task, lora=lora)
         except UserError:
@@ -207,11 +210,21 @@ def prepare_tasks(spec: SweepSpec, model_path: str, cache_dir: Path, where: str,
                   evals_per_epoch=spec.budget.evals_per_epoch, seed=spec.seed, cpus_per_trial=r.cpus_per_trial,
                   gpus_per_trial=r.gpus_per_trial, workers_per_trial=r.workers_per_trial, lora=lora,
                   training=spec.training_kwargs())
+        data_hash = fingerprint(task)
         baseline = None if task.kind == "causal_lm" else trivial_baseline(metric, task.eval["label"],
                                                                            task.compute_metrics)
-        out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, fingerprint(task), baseline,
-                                      truncation)
+        out[task.name] = PreparedTask(ts, task, metric, mode, train, evals, job, data_hash, baseline, truncation)
     return out
+
+
+def order_groups(tasks: dict[str, PreparedTask], methods) -> list[tuple[str, str]]:
+    """The (task, arm) groups, costliest trial first (tokens of the task's train split x the
+    method's passes per sample and epoch). Each round of the round-robin then sends its long trials
+    out first and its short ones last, where they fill the slots the long ones leave (longest
+    processing time first), instead of one long trial running alone at the end of the sweep."""
+    tokens = {n: sum(map(len, t.train["input_ids"])) for n, t in tasks.items()}
+    groups = [(n, m) for n in tasks for m in methods]  # sorted() is stable: ties keep the spec's order
+    return sorted(groups, key=lambda g: -tokens[g[0]] * passes_per_epoch(g[1]))
 
 
 def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> None:

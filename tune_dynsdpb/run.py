@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           DataCollatorForSeq2Seq, DataCollatorWithPadding, set_seed)
 from transformers.utils import logging as hf_logging
@@ -73,10 +74,8 @@ def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote
         net = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     else:
         has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-        num_labels = task.num_labels
-        if has_head and config.num_labels != task.num_labels:
-            task.check_head(config.num_labels)  # raises if the labels do not fit the trained head
-            num_labels = config.num_labels
+        # a trained head keeps its size (check_head below refuses labels that do not fit it)
+        num_labels = config.num_labels if has_head else task.num_labels
         kwargs: dict[str, Any] = {"num_labels": num_labels}
         if task.kind == "regression":
             kwargs["problem_type"] = "regression"
@@ -84,12 +83,28 @@ def load_model(model: str, task: Task, *, lora: dict | None = None, trust_remote
             kwargs["id2label"] = dict(enumerate(task.label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
         net = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-        task.check_head(net.config.num_labels)
         if net.config.pad_token_id is None and tokenizer.pad_token_id is not None:
             net.config.pad_token_id = tokenizer.pad_token_id
+    heads = net.config.num_labels
     if lora:
         net = apply_lora(net, task, lora)
+    check_head(task, heads)  # the head's outputs fit the task's labels (a causal LM: nothing to check)
     return net, tokenizer
+
+
+def check_head(task: Task, num_labels: int) -> None:
+    """Raises if a model head of ``num_labels`` outputs cannot fit ``task``'s labels (a causal LM
+    has nothing to check)."""
+    if task.kind == "regression" and num_labels != 1:
+        raise UserError(f"task {task.name} is regression and needs a head of size 1, got num_labels={num_labels}")
+    if task.kind != "classification":
+        return
+    for split, ds in (("train", task.train), ("eval", task.eval)):
+        labels = np.asarray(ds.select_columns(["label"])[:]["label"], dtype=np.int64)
+        bad = labels[(labels < 0) | (labels >= num_labels)]
+        if bad.size:
+            raise UserError(f"task {task.name}: {split} label {int(bad[0])} does not fit a head of "
+                            f"num_labels={num_labels} (task has {task.num_labels}: {', '.join(task.label_names or ())})")
 
 
 def apply_lora(model, task: Task, lora: dict):
@@ -115,8 +130,9 @@ def create_trainer(task: Task, model, tokenizer, train_dataset, eval_dataset, ar
                    callbacks=()) -> DynSDPBTrainer:
     if len(train_dataset) == 0:
         raise UserError(f"{task.source}: the training set is empty")
+    collator = create_data_collator(task, tokenizer)
     return DynSDPBTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          data_collator=create_data_collator(task, tokenizer), processing_class=tokenizer,
+                          data_collator=collator, processing_class=tokenizer,
                           compute_metrics=task.compute_metrics if task.kind != "causal_lm" else None,
                           callbacks=list(callbacks))
 

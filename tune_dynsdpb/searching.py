@@ -412,6 +412,21 @@ def fill_schedules(state) -> None:
             arm.best.schedule = learned_schedule(arm.best.checkpoint) or None
 
 
+def close_orphan_studies(sweep: str, groups: list[Group], journal: str) -> None:
+    """Optuna trials a killed driver left RUNNING (their Tune trials came back under new ids) are
+    marked FAIL, so the studies hold exactly the sweep's trials as COMPLETE/PRUNED/FAIL."""
+    if not os.path.exists(journal):
+        return
+    storage = create_journal_storage(journal)
+    for g in groups:
+        try:
+            study = optuna.load_study(study_name=study_name(sweep, g), storage=storage)
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
 def replay_config(best: dict) -> dict:
     """The config that re-runs an arm's best trial (``compare``'s finals): its config, and for a
     pbt arm the learned schedule, which the trainer then follows from step 0 (dlb's loss; the

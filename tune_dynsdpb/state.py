@@ -41,6 +41,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
@@ -148,6 +149,40 @@ class SweepState(_Model):
             raise UserError(f"{flag}: the sweep has no task {task!r} (tasks: {', '.join(self.tasks)})")
         return task
 
+    def check_data(self, tasks: dict, where: str | os.PathLike) -> None:
+        """A resume: each task's data (``experiment.PreparedTask``) must be what the sweep started on.
+        A driver that takes the sweep over from the storage path (``where`` is its new folder, without
+        a state yet) also takes its studies, then its state, into that folder."""
+        for n, t in tasks.items():
+            if t.data_hash != self.tasks[n].data_hash:
+                raise UserError(f"{t.task.source}: the data of task {n} changed since the sweep started; "
+                                "resume with the same data, or start a new sweep")
+        out = Path(where)
+        if not (out / STATE_FILE).exists():
+            journal = storage.join(self.storage_path, JOURNAL_FILE)
+            if storage.is_file(journal):
+                storage.download(journal, str(out / JOURNAL_FILE))
+            self.save(out)
+
+    def stop(self, out: str | os.PathLike) -> KeyboardInterrupt:
+        """The sweep stopped by Ctrl-C or SIGTERM (during the experiment, or while its outcomes were
+        being recorded): the state says so, and the error says how to continue."""
+        mirror_journal(self.storage_path, Path(out))
+        self.status = "interrupted"
+        self.save(out)
+        return KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume --output-dir {out}")
+
+    def finish(self, out: str | os.PathLike) -> None:
+        """The sweep done: its disk use (the folder, and the storage path outside it), its journal
+        mirrored, and the state saved as finished."""
+        folder = Path(out)
+        self.disk_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+        if not inside(self.storage_path, folder):
+            self.disk_bytes += storage.size(self.storage_path)
+        self.status, self.finished = "finished", time.time()
+        mirror_journal(self.storage_path, folder)
+        self.save(folder)
+
     def save(self, out: str | os.PathLike) -> None:
         """Writes ``OUT/sweep.json`` (atomic), then its mirror on the storage path (unless that
         lies inside ``OUT``, as the default ``OUT/ray`` does)."""
@@ -155,6 +190,26 @@ class SweepState(_Model):
         write_atomic(Path(out) / STATE_FILE, text)
         if not inside(self.storage_path, out):
             mirror(self.storage_path, STATE_FILE, text=text)
+
+
+def create_state(spec: SweepSpec, tasks: dict, *, spec_path: str, tracking_uri: str, storage_path: str,
+                 data_dir: str | None = None) -> SweepState:
+    """A new sweep's first state: what was asked (``spec``; ``tracking_uri`` with its secret
+    redacted, as ``tracking.redact_uri`` does), each task's data
+    as prepared (``experiment.PreparedTask``), and one empty arm per (task, method)."""
+    state = SweepState(
+        sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=spec_path,
+        methods=list(spec.methods), num_samples=spec.budget.num_samples, tracking_uri=tracking_uri,
+        model_path=next(iter(tasks.values())).job.model_path, created=time.time(), storage_path=storage_path,
+        tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=data_dir or t.spec.data_dir,
+                            source=t.task.source, train_size=len(t.train), eval_size=len(t.eval),
+                            data_hash=t.data_hash, baseline=t.baseline,
+                            truncated={s: c.truncated for s, c in t.truncation.items()})
+               for n, t in tasks.items()})
+    for n in tasks:
+        for m in spec.methods:
+            state.arm(n, m)
+    return state
 
 
 def arm_key(task: str, method: str) -> str:
@@ -341,5 +396,5 @@ def hold_lease(storage_path: str, flag: str = "--storage-path") -> Iterator[None
                 storage.delete_file(where)
 
 
-__all__ = ["SweepState", "ArmState", "TaskState", "BestTrial", "open_sweep", "open_stored_sweep", "lock_folder",
+__all__ = ["SweepState", "create_state", "ArmState", "TaskState", "BestTrial", "open_sweep", "open_stored_sweep", "lock_folder",
            "own_folder", "hold_lease", "mirror", "mirror_journal", "inside", "arm_key", "STATE_FILE", "JOURNAL_FILE", "LEASE_FILE", "EXPERIMENT", "Outcome"]

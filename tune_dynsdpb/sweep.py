@@ -23,29 +23,20 @@ the console (header, live table, summary) is :mod:`tune_dynsdpb.console`.
 from __future__ import annotations
 
 import os
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import optuna
-from ray import tune
-
-from . import results as R
 from . import storage
-from .console import ProgressCallback, ProgressTable, print_header, print_summary
+from .console import print_header, print_summary
 from .errors import UserError
-from .experiment import check_resources, create_trainable, init_ray, preflight, prepare_tasks, quiet_libraries
-from .params import passes_per_epoch
-from .run import resolve_model_path
+from .experiment import check_resources, init_ray, order_groups, preflight, prepare_tasks, quiet_libraries
 from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
-from .searching import create_journal_storage, fill_schedules, study_name, use_journal
-from .state import (EXPERIMENT, JOURNAL_FILE, STATE_FILE, ArmState, BestTrial, SweepState, TaskState, inside,
-                    mirror_journal, open_stored_sweep, open_sweep, own_folder)
-from .tracking import (SweepTracker, check_tracking_uri, default_artifact_location, default_tracking_uri,
-                       open_tracking_uri, redact_uri, use_tracking_uri)
-from .tuning import CheckpointPruner, JournalMirror, checkpoint_uri, configure_tune, create_tuner, fit_tuner
+from .searching import close_orphan_studies, fill_schedules
+from .state import JOURNAL_FILE, STATE_FILE, SweepState, create_state, open_stored_sweep, open_sweep, own_folder
+from .tracking import (check_tracking_uri, default_tracking_uri, open_tracking_uri, redact_uri, start_sweep_tracking,
+                       use_tracking_uri)
+from .tuning import collect_outcomes, run_experiment
 
 
 # -- 1. open the sweep ----------------------------------------------------------------------------
@@ -60,7 +51,13 @@ class _Sweep:
     where: str                     # the sweep file, as errors name it
     resume: bool
     fresh: bool                    # the folder did not exist before this run
-    from_storage: bool = False     # resumed from the storage path's mirror into a new folder
+    model: str                     # the model as given (a new sweep), or its resolved path (a resume)
+    data_dir: str | None = None    # --data-dir of a new sweep (a resume reads the saved one)
+
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI as the state and the console show it (no secret)."""
+        return redact_uri(self.tracking_uri)
 
     @property
     def journal(self) -> str:
@@ -133,7 +130,7 @@ def open_sweep_run(spec_path, output_dir, *, resume: bool, storage_path: str | N
         _check_output_dir(out)
         uri = use_tracking_uri(tracking_uri) if tracking_uri else default_tracking_uri(out)
         return _Sweep(out, spec, None, uri, storage.normalize(storage_path or out / "ray"), str(spec.path or spec.name),
-                      resume=False, fresh=fresh)
+                      resume=False, fresh=fresh, model=spec.model, data_dir=data_dir)
     if output_dir is None:
         raise UserError("--resume: needs --output-dir of the interrupted sweep")
     if spec_path is not None or overrides:
@@ -151,7 +148,7 @@ def open_sweep_run(spec_path, output_dir, *, resume: bool, storage_path: str | N
                                  "--storage-path": storage.normalize(storage_path) if storage_path else None})
     spec = state.sweep_spec().model_copy(update={"tasks": state.task_specs(), "task": None})
     return _Sweep(out, spec, state, open_tracking_uri(state.tracking_uri, tracking_uri), state.storage_path,
-                  state.spec_path, resume=True, fresh=fresh, from_storage=from_storage)
+                  state.spec_path, resume=True, fresh=fresh, model=state.model_path)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -167,203 +164,39 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
     with own_folder(run.out, fresh=run.fresh, storage_path=run.storage_path):
         check_tracking_uri(run.tracking_uri)
         init_ray(ray_address, ray_temp_dir, verbose=verbose)
+        # 2. what every trial shares: each task made ready, and a new sweep's preflight and first state
         check_resources(run.spec, run.where)
-        tasks = prepare(run, data_dir, progress)
+        tasks = prepare_tasks(run.spec, run.model, run.out / "cache", run.where, data_dir=run.data_dir, say=print)
+        groups = order_groups(tasks, run.spec.methods)
+        if run.state is None:
+            if progress:
+                print(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
+            preflight(run.spec, tasks, run.where)
+            run.state = create_state(run.spec, tasks, spec_path=run.where, tracking_uri=run.shown_uri,
+                                     storage_path=run.storage_path, data_dir=run.data_dir)
+        else:
+            run.state.check_data(tasks, run.out)
         if progress:
             print_header(run.state, run.out)
-        groups = order_groups(tasks, run.spec.methods)
-        tracker = start_tracking(run, tasks, groups)
-        grid = run_experiment(run, tasks, groups, tracker, progress)
+        tracker = start_sweep_tracking(run.tracking_uri, run.out, run.state, tasks, groups)
+        run.state.status = "running"
+        run.state.save(run.out)
         try:
-            record_outcomes(run, grid, groups, tracker)
+            # 3. one experiment for every (task, arm)
+            grid = run_experiment(run.spec, run.state, tasks, groups, tracker, folder=run.out, resume=run.resume,
+                                  progress=progress)
+            # 4. what each arm got, and its best trial
+            trial_ids = collect_outcomes(grid, groups, run.state)
+            close_orphan_studies(run.spec.name, groups, run.journal)
+            fill_schedules(run.state)  # pbt arms: the winning lineage's schedule
+            tracker.record_outcomes(grid, groups, run.state, trial_ids)
+            run.state.finish(run.out)
+            tracker.finish_sweep()
         except KeyboardInterrupt:
-            raise interrupted(run) from None
+            raise run.state.stop(run.out) from None
     if progress:
         print_summary(run.state, run.out)
     return run.state
 
 
-# -- 2. what every trial shares -------------------------------------------------------------------
-def prepare(run: _Sweep, data_dir: str | None, progress: bool) -> dict:
-    """Each task made ready; a new sweep's preflight and first state, or a resume's data check."""
-    spec, state = run.spec, run.state
-    model_path = state.model_path if state else resolve_model_path(spec.model)
-    tasks = prepare_tasks(spec, model_path, run.out / "cache", run.where, data_dir=None if state else data_dir,
-                          say=print)
-    if state is not None:
-        for n, t in tasks.items():
-            if t.data_hash != state.tasks[n].data_hash:
-                raise UserError(f"{t.task.source}: the data of task {n} changed since the sweep started; "
-                                "resume with the same data, or start a new sweep")
-        if run.from_storage:  # take the sweep over: its studies, then its state, into the new folder
-            journal = storage.join(run.storage_path, JOURNAL_FILE)
-            if storage.is_file(journal):
-                storage.download(journal, run.journal)
-            state.save(run.out)
-        return tasks
-    if progress:
-        print(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
-    preflight(spec, tasks, run.where)
-    run.state = SweepState(
-        sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=run.where,
-        methods=list(spec.methods), num_samples=spec.budget.num_samples, tracking_uri=redact_uri(run.tracking_uri),
-        model_path=model_path, created=time.time(), storage_path=run.storage_path,
-        tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=data_dir or t.spec.data_dir,
-                            source=t.task.source, train_size=len(t.train), eval_size=len(t.eval),
-                            data_hash=t.data_hash, baseline=t.baseline,
-                            truncated={s: c.truncated for s, c in t.truncation.items()})
-               for n, t in tasks.items()})
-    for n in tasks:
-        for m in spec.methods:
-            run.state.arm(n, m)
-    run.state.save(run.out)
-    return tasks
-
-
-def order_groups(tasks: dict, methods: Sequence[str]) -> list[tuple[str, str]]:
-    """The (task, arm) groups, costliest trial first (tokens of the task's train split x the
-    method's passes per sample and epoch). Each round of the round-robin then sends its long trials
-    out first and its short ones last, where they fill the slots the long ones leave (longest
-    processing time first), instead of one long trial running alone at the end of the sweep."""
-    tokens = {n: sum(map(len, t.train["input_ids"])) for n, t in tasks.items()}
-    groups = [(n, m) for n in tasks for m in methods]  # sorted() is stable: ties keep the spec's order
-    return sorted(groups, key=lambda g: -tokens[g[0]] * passes_per_epoch(g[1]))
-
-
-def start_tracking(run: _Sweep, tasks: dict, groups: list):
-    """The MLflow runs of the sweep, its tasks and arms (found again on a resume)."""
-    state = run.state
-    tracker = SweepTracker(run.tracking_uri, run.spec.name, state.sweep_id,
-                           artifact_location=default_artifact_location(run.out)
-                           if run.tracking_uri.startswith("sqlite") else None)
-    state.parent_run_id = tracker.start_sweep(
-        {"spec": state.spec, "model": state.model_path, "methods": ",".join(run.spec.methods),
-         "tasks": ",".join(tasks)}, tags={"tune_dynsdpb.output_dir": str(run.out)})
-    for n, m in groups:
-        tracker.start_arm(n, m)
-    tracker.set_trial_view({t.metric: t.mode for t in tasks.values()})  # what the MLflow UI opens on
-    for n, t in tasks.items():  # nothing dropped in silence: the truncation counts too
-        tracker.log_truncation(n, t.truncation)
-    state.status = "running"
-    state.save(run.out)
-    return tracker
-
-
-# -- 3. one experiment for every (task, arm) ------------------------------------------------------
-def run_experiment(run: _Sweep, tasks: dict, groups: list, tracker, progress: bool):
-    """The Tuner, new or restored from the storage path, run to its budget."""
-    state, spec = run.state, run.spec
-    trainable = create_trainable(spec, tasks)
-    experiment = storage.join(state.storage_path, EXPERIMENT)
-    table = ProgressTable(state, enabled=progress)
-    callback = tracker.trial_callback(groups)
-    configure_tune(spec)
-    use_journal(run.journal)  # a restored searcher re-opens its studies in this folder's journal
-    JournalMirror.current = None if inside(state.storage_path, run.out) else (run.journal, state.storage_path)
-    if run.resume and tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
-    else:
-        tuner = create_tuner(spec, groups, trainable, state.storage_path,
-                             [callback, ProgressCallback(), CheckpointPruner(state.storage_path), JournalMirror()],
-                             run.journal)
-    try:
-        grid = fit_tuner(tuner, len(groups) * spec.budget.num_samples, spec.budget.time_budget_s)
-    except KeyboardInterrupt:  # Tune returned early and saved its state
-        callback.flush()
-        table.close()
-        raise interrupted(run) from None
-    finally:
-        table.close()
-    callback.flush()
-    return grid
-
-
-def interrupted(run: _Sweep) -> KeyboardInterrupt:
-    """The sweep stopped by Ctrl-C or SIGTERM (during the experiment, or while its outcomes were being
-    recorded): its state says so, and the error says how to continue."""
-    mirror_journal(run.storage_path, run.out)
-    run.state.status = "interrupted"
-    run.state.save(run.out)
-    return KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume --output-dir {run.out}")
-
-
-# -- 4. what each arm got, and its best trial -----------------------------------------------------
-def record_outcomes(run: _Sweep, grid, groups: list, tracker) -> None:
-    state = run.state
-    for n, m in groups:
-        state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
-    outcomes = collect_outcomes(grid, state)
-    tracker.trial_callback(groups).backfill(grid)  # what a killed driver had queued and not written
-    tracker.delete_orphans({o["trial_id"] for o in outcomes})
-    _close_orphan_studies(run.spec, groups, run.journal)
-    fill_schedules(state)  # pbt arms: the winning lineage's schedule
-    for arm in state.arms.values():
-        if arm.best is not None:
-            arm.best.run_id = tracker.find_trial_run(arm.task, arm.method, arm.best.trial_id)
-            t = state.tasks[arm.task]
-            tracker.record_best(arm.task, arm.method, arm.best.run_id, arm.best.config, t.metric, arm.best.score,
-                                t.baseline, arm.best.schedule)
-    keep = {a.best.checkpoint for a in state.arms.values() if a.best and a.best.checkpoint}
-    CheckpointPruner(state.storage_path).finish(grid, keep)
-    state.disk_bytes = _disk_use(run.out) + (0 if inside(state.storage_path, run.out)
-                                             else storage.size(state.storage_path))
-    state.status, state.finished = "finished", time.time()
-    mirror_journal(run.storage_path, run.out)
-    state.save(run.out)
-    tracker.finish_sweep()
-
-
-def collect_outcomes(grid, state: SweepState) -> list[dict]:
-    """Fills each arm's counts, failure reasons and best trial (by its best report; failed trials
-    never count) into ``state``; returns one record per trial."""
-    records = []
-    for result in grid:
-        config, last = result.config or {}, result.metrics or {}
-        task, method = config.get(R.TASK), config.get(R.METHOD)
-        if task not in state.tasks:
-            continue
-        arm = state.arm(task, method)
-        outcome = R.classify(last, result.error is not None)
-        arm.started += 1
-        arm.counts[outcome.value] = arm.counts.get(outcome.value, 0) + 1
-        reason = R.failure_reason(last) or (str(result.error).strip().splitlines()[-1][:200] if result.error else None)
-        if reason and reason not in arm.failures and len(arm.failures) < 5:
-            arm.failures.append(reason)
-        records.append({"trial_id": last.get("trial_id") or getattr(result, "path", ""), "task": task,
-                        "method": method, "outcome": outcome.value})
-        if outcome is R.Outcome.FAILED:
-            continue
-        # every report with a score carries a checkpoint; Tune keeps each trial's best ones
-        scored = [(m[R.OBJECTIVE], checkpoint_uri(ckpt, state.storage_path)) for ckpt, m in result.best_checkpoints or []
-                  if R.finite(m.get(R.OBJECTIVE))]
-        scored = [(obj, where) for obj, where in scored if storage.is_dir(where)]  # (not pruned)
-        if not scored:
-            continue
-        best_obj, where = max(scored, key=lambda x: x[0])
-        if arm.best is None or best_obj > R.objective(arm.best.score, state.tasks[task].mode):
-            score = best_obj if state.tasks[task].mode == "max" else -best_obj
-            arm.best = BestTrial(trial_id=str(last.get("trial_id")), score=float(score), config=dict(config),
-                                 checkpoint=where)
-    return records
-
-
-def _close_orphan_studies(spec: SweepSpec, groups: list, journal: str) -> None:
-    """Optuna trials a killed driver left RUNNING (their Tune trials came back under new ids) are
-    marked FAIL, so the studies hold exactly the sweep's trials as COMPLETE/PRUNED/FAIL."""
-    if not Path(journal).exists():
-        return
-    journal_storage = create_journal_storage(journal)
-    for g in groups:
-        try:
-            study = optuna.load_study(study_name=study_name(spec.name, g), storage=journal_storage)
-        except KeyError:
-            continue
-        for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-
-
-def _disk_use(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
-
-
-__all__ = ["run_sweep", "create_spec", "order_groups", "collect_outcomes"]
+__all__ = ["run_sweep", "create_spec", "open_sweep_run"]

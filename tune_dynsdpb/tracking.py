@@ -288,6 +288,26 @@ def trial_view_path(experiment_id: str) -> str:
 
 
 # -- the sweep's runs -----------------------------------------------------------------------------
+def start_sweep_tracking(tracking_uri: str, out: Path, state, tasks: dict, groups: list[tuple[str, str]]
+                         ) -> "SweepTracker":
+    """The MLflow runs of a sweep (``state``, a ``SweepState``), its tasks and arms (found again on a
+    resume), the trial view the UI opens on, and each task's truncation counts (``tasks``:
+    ``experiment.PreparedTask``); the sweep run's id goes into the state. A SQLite store keeps its
+    artifacts in ``out/mlartifacts``."""
+    tracker = SweepTracker(tracking_uri, state.spec["name"], state.sweep_id,
+                           artifact_location=default_artifact_location(out) if tracking_uri.startswith("sqlite")
+                           else None)
+    state.parent_run_id = tracker.start_sweep(
+        {"spec": state.spec, "model": state.model_path, "methods": ",".join(state.methods), "tasks": ",".join(tasks)},
+        tags={"tune_dynsdpb.output_dir": str(out)})
+    for n, m in groups:
+        tracker.start_arm(n, m)
+    tracker.set_trial_view({t.metric: t.mode for t in tasks.values()})  # what the MLflow UI opens on
+    for n, t in tasks.items():  # nothing dropped in silence: the truncation counts too
+        tracker.log_truncation(n, t.truncation)
+    return tracker
+
+
 class SweepTracker:
     """Owns the sweep, task and arm runs; hands Tune one :class:`MLflowTrialCallback`."""
 
@@ -419,6 +439,20 @@ class SweepTracker:
                     for name, v in (("schedule_alpha", a), ("schedule_tau", t))])
         self.client.log_batch(self.arm_run(task, arm), tags=arm_tags,
                               metrics=[Metric(f"best_{metric}", float(value), now, 0)])
+
+    def record_outcomes(self, grid, groups: list[tuple[str, str]], state, trial_ids: set[str]) -> None:
+        """After the experiment: what a killed driver had queued and not written (from Tune's
+        ``grid``), trial runs of Tune trials that no longer exist deleted (``trial_ids`` are the
+        trials that do), and each arm's best trial of ``state`` (a ``SweepState``) recorded, with
+        its trial run's id put into the state."""
+        self.trial_callback(groups).backfill(grid)
+        self.delete_orphans(trial_ids)
+        for arm in state.arms.values():
+            if arm.best is not None:
+                arm.best.run_id = self.find_trial_run(arm.task, arm.method, arm.best.trial_id)
+                t = state.tasks[arm.task]
+                self.record_best(arm.task, arm.method, arm.best.run_id, arm.best.config, t.metric, arm.best.score,
+                                 t.baseline, arm.best.schedule)
 
     # -- what compare and export ask of the store (they never hold a client) ----------------------
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
@@ -752,18 +786,19 @@ class MLflowTrialCallback(Callback):
             trial_id = last.get("trial_id")
             if not trial_id or (trial_id in w.runs and trial_id not in w.running):
                 continue
+            group = self._group(SimpleNamespace(config=result.config))
             try:
                 with result.filesystem.open_input_stream(f"{result.path}/result.json") as f:
                     rows = [json.loads(line) for line in f.readall().decode().splitlines() if line.strip()]
             except FileNotFoundError:
                 rows = []
             reports = [metrics_of(r, int(time.time() * 1000)) for r in rows]
-            if result.error is not None:
-                end = ({TAG_ERROR: one_line(result.error)[:5000]}, "FAILED")
-            else:
+            params = params_of(result.config or {})
+            if result.error is None:
                 end = _end_of(last)
-            group = self._group(SimpleNamespace(config=result.config))
-            w.put(("backfill", trial_id, group, params_of(result.config or {}), reports, *end))
+            else:
+                end = ({TAG_ERROR: one_line(result.error)[:5000]}, "FAILED")
+            w.put(("backfill", trial_id, group, params, reports, *end))
         w.flush()
 
 

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import ray
 from ray import tune
@@ -26,10 +27,11 @@ from ray.tune.logger import JsonLoggerCallback
 
 from . import results as R
 from . import storage
-from .experiment import max_concurrent, sigterm_as_interrupt
+from .console import ProgressCallback, ProgressTable
+from .experiment import create_trainable, max_concurrent, sigterm_as_interrupt
 from .search_space import SweepSpec
-from .searching import create_journal_storage, create_scheduler, create_searcher
-from .state import EXPERIMENT, JOURNAL_FILE, mirror
+from .searching import create_journal_storage, create_scheduler, create_searcher, use_journal
+from .state import EXPERIMENT, JOURNAL_FILE, ArmState, BestTrial, SweepState, inside, mirror
 
 
 def configure_tune(spec: SweepSpec) -> None:
@@ -107,6 +109,72 @@ def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = No
               f"unfinished ({', '.join(left) or 'not started'})", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     return grid
+
+
+def run_experiment(spec: SweepSpec, state: SweepState, tasks: dict, groups: list, tracker, *, folder,
+                   resume: bool, progress: bool):
+    """The sweep's one Tuner for every (task, arm) group, new or restored from the storage path, run
+    to its budget; every trial tracked by ``tracker`` (a ``tracking.SweepTracker``), the live table
+    drawn when ``progress``. On KeyboardInterrupt (Ctrl-C, SIGTERM) Tune has saved the experiment,
+    and what the tracker queued is written before it propagates."""
+    configure_tune(spec)
+    ours = [CheckpointPruner(state.storage_path), JournalMirror()]
+    journal = str(Path(folder) / JOURNAL_FILE)
+    trainable = create_trainable(spec, tasks)
+    table = ProgressTable(state, enabled=progress)
+    use_journal(journal)  # a restored searcher re-opens its studies in this folder's journal
+    JournalMirror.current = None if inside(state.storage_path, folder) else (journal, state.storage_path)
+    experiment = storage.join(state.storage_path, EXPERIMENT)
+    callback = tracker.trial_callback(groups)
+    if resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False)
+    else:
+        tuner = create_tuner(spec, groups, trainable, state.storage_path, [callback, ProgressCallback(), *ours],
+                             journal)
+    try:
+        return fit_tuner(tuner, len(groups) * spec.budget.num_samples, spec.budget.time_budget_s)
+    finally:  # (also when interrupted: Tune returned early and saved its state)
+        table.close()
+        callback.flush()
+
+
+def collect_outcomes(grid, groups: list, state: SweepState) -> set[str]:
+    """Each arm's counts, failure reasons and best trial (by its best report; failed trials never
+    count) into ``state``, from Tune's ``grid``; then each trial keeps its best checkpoint only, and
+    only each arm's best keeps its optimizer state (:meth:`CheckpointPruner.finish`). Returns the
+    ids of the grid's trials."""
+    for n, m in groups:
+        state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
+    trial_ids = set()
+    for result in grid:
+        config, last = result.config or {}, result.metrics or {}
+        task, method = config.get(R.TASK), config.get(R.METHOD)
+        if task not in state.tasks:
+            continue
+        arm = state.arm(task, method)
+        outcome = R.classify(last, result.error is not None)
+        arm.started += 1
+        arm.counts[outcome.value] = arm.counts.get(outcome.value, 0) + 1
+        reason = R.failure_reason(last) or (str(result.error).strip().splitlines()[-1][:200] if result.error else None)
+        if reason and reason not in arm.failures and len(arm.failures) < 5:
+            arm.failures.append(reason)
+        trial_ids.add(last.get("trial_id") or getattr(result, "path", ""))
+        if outcome is R.Outcome.FAILED:
+            continue
+        # every report with a score carries a checkpoint; Tune keeps each trial's best ones
+        scored = [(m[R.OBJECTIVE], checkpoint_uri(ckpt, state.storage_path)) for ckpt, m in result.best_checkpoints or []
+                  if R.finite(m.get(R.OBJECTIVE))]
+        scored = [(obj, where) for obj, where in scored if storage.is_dir(where)]  # (not pruned)
+        if not scored:
+            continue
+        best_obj, where = max(scored, key=lambda x: x[0])
+        if arm.best is None or best_obj > R.objective(arm.best.score, state.tasks[task].mode):
+            score = best_obj if state.tasks[task].mode == "max" else -best_obj
+            arm.best = BestTrial(trial_id=str(last.get("trial_id")), score=float(score), config=dict(config),
+                                 checkpoint=where)
+    keep = {a.best.checkpoint for a in state.arms.values() if a.best and a.best.checkpoint}
+    CheckpointPruner(state.storage_path).finish(grid, keep)
+    return trial_ids
 
 
 def ended(result) -> bool:
@@ -234,5 +302,5 @@ class JournalMirror(tune.Callback):
         self._upload()
 
 
-__all__ = ["configure_tune", "create_loggers", "create_tuner", "fit_tuner", "complete", "checkpoint_uri",
+__all__ = ["run_experiment", "collect_outcomes", "configure_tune", "create_loggers", "create_tuner", "fit_tuner", "complete", "checkpoint_uri",
            "CheckpointPruner", "JournalMirror"]
