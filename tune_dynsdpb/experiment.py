@@ -227,14 +227,17 @@ def order_groups(tasks: dict[str, PreparedTask], methods) -> list[tuple[str, str
     return sorted(groups, key=lambda g: -tokens[g[0]] * passes_per_epoch(g[1]))
 
 
-def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str) -> None:
+def preflight(spec: SweepSpec, tasks: dict[str, PreparedTask], where: str, say=None) -> None:
     """Two real training steps per task with the first arm's first point, in this process, so that
     a setting that would fail in every trial (an unknown optimizer, fp16 on a CPU, LoRA modules the
-    model lacks, a tokenizer without a pad token, ...) fails once, now, with one line."""
+    model lacks, a tokenizer without a pad token, ...) fails once, now, with one line (``say``, e.g.
+    ``print``, is told first)."""
     from trainables.dynsdpb import fit  # here: see trial_resources
 
     from .searching import create_points_to_evaluate  # (imports Ray)
 
+    if say is not None:
+        say(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
     method = next((m for m in spec.methods if m in PAIRED), spec.methods[0])
     point: dict[str, Any] = {}
     for name, p in spec.params.arm(method).items():

@@ -169,9 +169,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
         tasks = prepare_tasks(run.spec, run.model, run.out / "cache", run.where, data_dir=run.data_dir, say=print)
         groups = order_groups(tasks, run.spec.methods)
         if run.state is None:
-            if progress:
-                print(f"preflight: one training step per task ({', '.join(tasks)}) ...", flush=True)
-            preflight(run.spec, tasks, run.where)
+            preflight(run.spec, tasks, run.where, say=print if progress else None)
             run.state = create_state(run.spec, tasks, spec_path=run.where, tracking_uri=run.shown_uri,
                                      storage_path=run.storage_path, data_dir=run.data_dir)
         else:
