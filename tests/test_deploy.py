@@ -158,6 +158,35 @@ def test_yaml_files_parse_and_hold_what_they_are_for():
     assert "--serve-artifacts" in cmd
 
 
+def _containers(node) -> list[dict]:
+    """Every container of a Kubernetes manifest (head and worker groups alike)."""
+    if isinstance(node, dict):
+        return [node] if "image" in node else [c for v in node.values() for c in _containers(v)]
+    return [c for v in node for c in _containers(v)] if isinstance(node, list) else []
+
+
+def test_every_node_gets_what_the_trial_actors_need():
+    """experiment.WORKER_ENV is the one home of what trial actors need in their environment (a local
+    Ray's workers inherit it from the driver); each form that starts nodes sets every entry, with
+    its value: the Dockerfile, every container of the RayJob, the ray up nodes, the local cluster."""
+    from tune_dynsdpb.experiment import WORKER_ENV
+
+    env = {}
+    for w, rest in dockerfile_instructions():
+        if w == "ENV":
+            env.update(kv.split("=", 1) for kv in shlex.split(rest) if "=" in kv)
+    cluster, rayjob = (yaml.safe_load(p.read_text()) for p in YAMLS[:2])
+    pods = [{e["name"]: str(e.get("value")) for e in c.get("env", [])} for c in _containers(rayjob)]
+    setup = " ".join(cluster["setup_commands"])
+    local = (ROOT / "scripts" / "local_cluster.py").read_text()
+    assert WORKER_ENV and len(pods) >= 2
+    for key, value in WORKER_ENV.items():
+        assert env.get(key) == value, ("Dockerfile", key)
+        assert all(p.get(key) == value for p in pods), ("RayJob", key, pods)
+        assert f"{key}={value}" in setup, ("ray up", key)
+        assert f'env.setdefault("{key}", "{value}")' in local, ("local cluster", key)
+
+
 DOCKER_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "CMD", "ENTRYPOINT",
                        "EXPOSE", "LABEL", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}
 
