@@ -144,15 +144,6 @@ def trial_resources(spec: SweepSpec):
     return create_trial_resources(r.cpus_per_trial, r.gpus_per_trial, r.workers_per_trial)
 
 
-def max_concurrent(spec: SweepSpec) -> int | None:
-    """Multi-worker trials reserve their workers outside Tune's view, so Tune must be told how many fit."""
-    from trainables.distributed import max_concurrent_ddp_trials  # here: see trial_resources
-    r = spec.resources
-    caps = [c for c in (spec.budget.max_concurrent,
-                        max_concurrent_ddp_trials(r.cpus_per_trial, r.gpus_per_trial) if r.distributed else None) if c]
-    return min(caps) if caps else None
-
-
 @dataclass
 class PreparedTask:
     """One task of a sweep, ready for trials: its data, metric, tokenized splits and Job."""

@@ -25,10 +25,12 @@ import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
+from trainables.distributed import max_concurrent_ddp_trials
+
 from . import results as R
 from . import storage
 from .console import ProgressCallback, ProgressTable
-from .experiment import create_trainable, max_concurrent, sigterm_as_interrupt
+from .experiment import create_trainable, sigterm_as_interrupt
 from .search_space import SweepSpec
 from .searching import create_journal_storage, create_scheduler, create_searcher, use_journal
 from .state import EXPERIMENT, JOURNAL_FILE, ArmState, BestTrial, SweepState, inside, mirror
@@ -40,6 +42,15 @@ def configure_tune(spec: SweepSpec) -> None:
     cpus = ray.cluster_resources().get("CPU", 1)
     slots = int(cpus // max(spec.resources.cpus_per_trial, 1e-9)) or 1
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(slots, 2)))
+
+
+def max_concurrent(spec: SweepSpec) -> int | None:
+    """Tune's ``max_concurrent_trials``: the sweep file's cap, and for multi-worker trials, which
+    reserve their workers outside Tune's view, how many of them fit the cluster."""
+    r = spec.resources
+    caps = [c for c in (spec.budget.max_concurrent,
+                        max_concurrent_ddp_trials(r.cpus_per_trial, r.gpus_per_trial) if r.distributed else None) if c]
+    return min(caps) if caps else None
 
 
 def create_loggers() -> list:
