@@ -110,6 +110,26 @@ def test_storage_functions_on_a_local_folder(tmp_path):
         storage.check_storage(str(tmp_path / "file" / "sub"))
 
 
+def test_within_and_mirror(tmp_path, capsys):
+    """Whether the storage path lies in the sweep folder (then nothing is mirrored and no lease is
+    held), and a mirror: the file copied, or one warning line when the storage path cannot take it."""
+    out = tmp_path / "out"
+    (out / "ray").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(out)
+    assert storage.within(str(out / "ray"), out) and storage.within(str(out), out)
+    assert storage.within(str(tmp_path / "link" / "ray"), out)  # the same folder through a symlink
+    assert not storage.within(str(tmp_path / "outside"), out) and not storage.within(str(tmp_path / "out2"), out)
+    assert not storage.within("s3://bucket/out", out)
+    (out / "j.txt").write_text("journal")
+    assert storage.mirror(str(tmp_path / "store"), "j.txt", local=out / "j.txt")
+    assert storage.mirror(str(tmp_path / "store"), "s.json", text="{}")
+    assert (tmp_path / "store" / "j.txt").read_text() == "journal" and (tmp_path / "store" / "s.json").read_text() == "{}"
+    (tmp_path / "file").write_text("x")  # a storage path under a file cannot take anything
+    assert not storage.mirror(str(tmp_path / "file"), "s.json", text="{}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tune-dynsdpb: warning: cannot mirror s.json to "), err
+
+
 # -- SeaweedFS ------------------------------------------------------------------------------------
 def _free(port: int) -> bool:
     import socket

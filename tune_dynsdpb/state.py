@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -167,29 +166,30 @@ class SweepState(_Model):
     def stop(self, out: str | os.PathLike) -> KeyboardInterrupt:
         """The sweep stopped by Ctrl-C or SIGTERM (during the experiment, or while its outcomes were
         being recorded): the state says so, and the error says how to continue."""
-        mirror_journal(self.storage_path, Path(out))
         self.status = "interrupted"
-        self.save(out)
+        self.save(out, journal=True)
         return KeyboardInterrupt(f"sweep interrupted; continue it with tune-dynsdpb sweep --resume --output-dir {out}")
 
     def finish(self, out: str | os.PathLike) -> None:
-        """The sweep done: its disk use (the folder, and the storage path outside it), its journal
-        mirrored, and the state saved as finished."""
+        """The sweep done: its disk use (the folder, and the storage path outside it), and the state
+        saved as finished, with the journal."""
         folder = Path(out)
         self.disk_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
-        if not inside(self.storage_path, folder):
+        if not storage.within(self.storage_path, folder):
             self.disk_bytes += storage.size(self.storage_path)
         self.status, self.finished = "finished", time.time()
-        mirror_journal(self.storage_path, folder)
-        self.save(folder)
+        self.save(folder, journal=True)
 
-    def save(self, out: str | os.PathLike) -> None:
-        """Writes ``OUT/sweep.json`` (atomic), then its mirror on the storage path (unless that
-        lies inside ``OUT``, as the default ``OUT/ray`` does)."""
+    def save(self, out: str | os.PathLike, journal: bool = False) -> None:
+        """Writes ``OUT/sweep.json`` (atomic), then, unless the storage path lies inside ``OUT`` (as
+        the default ``OUT/ray`` does), its mirror there; with ``journal``, the Optuna journal is
+        mirrored first, so the stored journal is never older than the stored state."""
         text = self.model_dump_json(indent=2)
         write_atomic(Path(out) / STATE_FILE, text)
-        if not inside(self.storage_path, out):
-            mirror(self.storage_path, STATE_FILE, text=text)
+        if not storage.within(self.storage_path, out):
+            if journal and (Path(out) / JOURNAL_FILE).exists():
+                storage.mirror(self.storage_path, JOURNAL_FILE, local=Path(out) / JOURNAL_FILE)
+            storage.mirror(self.storage_path, STATE_FILE, text=text)
 
 
 def create_state(spec: SweepSpec, tasks: dict, *, spec_path: str, tracking_uri: str, storage_path: str,
@@ -214,31 +214,6 @@ def create_state(spec: SweepSpec, tasks: dict, *, spec_path: str, tracking_uri: 
 
 def arm_key(task: str, method: str) -> str:
     return f"{task}/{method}"
-
-
-def inside(storage_path: str, out: str | os.PathLike) -> bool:
-    """Whether the storage path lies in the sweep folder (then it has no mirror and no lease: the
-    folder and its lock are all there is)."""
-    if storage.is_uri(storage_path):
-        return False
-    path, folder = Path(storage.normalize(storage_path)), Path(out).resolve()
-    return path == folder or folder in path.parents
-
-
-def mirror(storage_path: str, name: str, text: str | None = None, local: str | os.PathLike | None = None) -> bool:
-    """Copies ``text`` (or the local file ``local``) to ``STORAGE/name``. A failure does not stop
-    the sweep (its folder has the file): it is reported as one warning line on stderr."""
-    target = storage.join(storage_path, name)
-    try:
-        if local is not None:
-            storage.upload(str(local), target)
-        else:
-            storage.write_text(target, text or "")
-        return True
-    except Exception as e:  # noqa: BLE001 - the storage is down or slow: the next save tries again
-        print(f"tune-dynsdpb: warning: cannot mirror {name} to {storage.redact(target)}: {one_line(e)}",
-              file=sys.stderr)
-        return False
 
 
 def open_sweep(out: str | os.PathLike) -> SweepState:
@@ -311,29 +286,18 @@ def own_folder(out: Path, *, fresh: bool, storage_path: str) -> Iterator[None]:
     with lock_folder(out):
         try:
             storage.check_storage(storage_path)  # before any MLflow run or trial
-            with contextlib.nullcontext() if inside(storage_path, out) else hold_lease(storage_path):
+            with contextlib.nullcontext() if storage.within(storage_path, out) else hold_lease(storage_path):
                 yield
         except BaseException:
-            if not (out / STATE_FILE).exists():
-                _empty(out, remove=fresh)
+            if not (out / STATE_FILE).exists():  # removed if this driver made it, else emptied
+                for child in [] if fresh else out.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+                if fresh:
+                    shutil.rmtree(out, ignore_errors=True)
             raise
-
-
-def _empty(out: Path, remove: bool) -> None:
-    if remove:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-
-
-def mirror_journal(storage_path: str, out: Path) -> None:
-    """The Optuna journal copied to the storage path (when that lies outside the folder)."""
-    if not inside(storage_path, out) and (out / JOURNAL_FILE).exists():
-        mirror(storage_path, JOURNAL_FILE, local=out / JOURNAL_FILE)
 
 
 def _lease_text() -> dict:
@@ -397,4 +361,4 @@ def hold_lease(storage_path: str, flag: str = "--storage-path") -> Iterator[None
 
 
 __all__ = ["SweepState", "create_state", "ArmState", "TaskState", "BestTrial", "open_sweep", "open_stored_sweep", "lock_folder",
-           "own_folder", "hold_lease", "mirror", "mirror_journal", "inside", "arm_key", "STATE_FILE", "JOURNAL_FILE", "LEASE_FILE", "EXPERIMENT", "Outcome"]
+           "own_folder", "hold_lease", "arm_key", "STATE_FILE", "JOURNAL_FILE", "LEASE_FILE", "EXPERIMENT", "Outcome"]

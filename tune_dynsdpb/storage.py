@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import urllib.parse
 from typing import Iterator
@@ -61,6 +62,14 @@ def join(base: str, *parts: str) -> str:
     split = urllib.parse.urlsplit(base)
     path = "/".join([split.path.rstrip("/"), *[p.strip("/") for p in parts]])
     return urllib.parse.urlunsplit(split._replace(path=path))
+
+
+def within(location: str, folder: str | os.PathLike) -> bool:
+    """Whether ``location`` is ``folder`` or lies inside it (a URI never does)."""
+    if is_uri(location):
+        return False
+    path, inner = os.path.realpath(normalize(location)), os.path.realpath(folder)
+    return path == inner or path.startswith(inner.rstrip(os.sep) + os.sep)
 
 
 def redact(location: str) -> str:
@@ -212,6 +221,22 @@ def upload(local: str, location: str) -> None:
     """Copies the local file ``local`` to ``location`` (written whole)."""
     with open(local, "rb") as f:
         write_bytes(location, f.read())
+
+
+def mirror(location: str, name: str, text: str | None = None, local: str | os.PathLike | None = None) -> bool:
+    """Copies ``text`` (or the local file ``local``) to ``location/name``; returns whether it did. A
+    failure is one warning line on stderr, not an error: the caller keeps its own copy, and its
+    next mirror tries again (the storage is down or slow)."""
+    target = join(location, name)
+    try:
+        if local is not None:
+            upload(str(local), target)
+        else:
+            write_text(target, text or "")
+        return True
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        print(f"tune-dynsdpb: warning: cannot mirror {name} to {redact(target)}: {one_line(e)}", file=sys.stderr)
+        return False
 
 
 @contextlib.contextmanager

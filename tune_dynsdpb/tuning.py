@@ -33,7 +33,7 @@ from .console import ProgressCallback, ProgressTable
 from .experiment import create_trainable, sigterm_as_interrupt
 from .search_space import SweepSpec
 from .searching import create_journal_storage, create_scheduler, create_searcher, use_journal
-from .state import EXPERIMENT, JOURNAL_FILE, ArmState, BestTrial, SweepState, inside, mirror
+from .state import EXPERIMENT, JOURNAL_FILE, ArmState, BestTrial, SweepState
 
 
 def configure_tune(spec: SweepSpec) -> None:
@@ -134,7 +134,7 @@ def run_experiment(spec: SweepSpec, state: SweepState, tasks: dict, groups: list
     trainable = create_trainable(spec, tasks)
     table = ProgressTable(state, enabled=progress)
     use_journal(journal)  # a restored searcher re-opens its studies in this folder's journal
-    JournalMirror.current = None if inside(state.storage_path, folder) else (journal, state.storage_path)
+    JournalMirror.current = None if storage.within(state.storage_path, folder) else (journal, state.storage_path)
     experiment = storage.join(state.storage_path, EXPERIMENT)
     callback = tracker.trial_callback(groups)
     if resume and tune.Tuner.can_restore(experiment):
@@ -291,7 +291,7 @@ class JournalMirror(tune.Callback):
         JournalMirror._last = now
         local, storage_path = JournalMirror.current
         if os.path.exists(local):
-            mirror(storage_path, JOURNAL_FILE, local=local)
+            storage.mirror(storage_path, JOURNAL_FILE, local=local)
 
     def get_state(self) -> None:
         self._upload()
