@@ -135,6 +135,7 @@ def arm_problems(state: SweepState) -> list[str]:
 
 def print_summary(state: SweepState, out: Path) -> None:
     out_console = console()
+    problems, ties = arm_problems(state), tie_notes(state)
     for name, task in state.tasks.items():
         t = Table(title=f"{name}: best per arm ({task.metric}, {task.mode})")
         t.add_column("arm")
@@ -158,9 +159,9 @@ def print_summary(state: SweepState, out: Path) -> None:
     out_console.print(f"  optuna-dashboard {out / JOURNAL_FILE}")
     if state.disk_bytes is not None:
         out_console.print(f"Sweep folder: {out} ({state.disk_bytes / 2**20:.1f} MiB)")
-    for line in arm_problems(state):
+    for line in problems:
         out_console.print(f"[red]no scored trial[/red]: {line}")
-    for line in tie_notes(state):  # every arm trains its own method; say why two still score the same
+    for line in ties:  # every arm trains its own method; say why two still score the same
         out_console.print(f"tie: {line}")
 
 
