@@ -297,6 +297,18 @@ def test_metric_typo_lists_the_valid_names(ray_session, tiny_bert, data_dir, tmp
                         f"{path}: metric: 'acuracy' is not reported by task 'rte' (valid: accuracy, loss)")
 
 
+@pytest.mark.slow  # starts Ray
+def test_a_failed_set_up_leaves_a_given_empty_folder_empty(ray_session, tiny_bert, data_dir, tmp_path, capsys):
+    """The same failure into an --output-dir that existed (empty): the folder stays, empty again
+    (its lock file, cache and MLflow store gone), so the same command works next time."""
+    path = write_spec(tmp_path, tiny_bert, metric="acuracy")
+    out = tmp_path / "given"
+    out.mkdir()
+    rejected(capsys, ["sweep", path, "--data-dir", data_dir, "--output-dir", out, "--no-progress"],
+             f"{path}: metric: 'acuracy' is not reported by task 'rte' (valid: accuracy, loss)")
+    assert out.is_dir() and sorted(p.name for p in out.iterdir()) == []
+
+
 def test_metric_loss_gets_mode_min(tiny_bert, data_dir, tmp_path, capsys):
     path = write_spec(tmp_path, tiny_bert, metric="loss")
     code, out, err = cli(capsys, "validate", path, "--data-dir", data_dir)

@@ -195,8 +195,8 @@ class SweepState(_Model):
 def create_state(spec: SweepSpec, tasks: dict, *, spec_path: str, tracking_uri: str, storage_path: str,
                  data_dir: str | None = None) -> SweepState:
     """A new sweep's first state: what was asked (``spec``; ``tracking_uri`` with its secret
-    redacted, as ``tracking.redact_uri`` does), each task's data
-    as prepared (``experiment.PreparedTask``), and one empty arm per (task, method)."""
+    redacted, as ``tracking.redact_uri`` does), each task's data as prepared
+    (``experiment.PreparedTask``), and one empty arm per (task, method)."""
     state = SweepState(
         sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=spec_path,
         methods=list(spec.methods), num_samples=spec.budget.num_samples, tracking_uri=tracking_uri,
@@ -289,14 +289,14 @@ def own_folder(out: Path, *, fresh: bool, storage_path: str) -> Iterator[None]:
             with contextlib.nullcontext() if storage.within(storage_path, out) else hold_lease(storage_path):
                 yield
         except BaseException:
-            if not (out / STATE_FILE).exists():  # removed if this driver made it, else emptied
-                for child in [] if fresh else out.iterdir():
+            if not (out / STATE_FILE).exists() and fresh:  # this driver made the folder: removed
+                shutil.rmtree(out, ignore_errors=True)
+            elif not (out / STATE_FILE).exists():  # it was empty: emptied
+                for child in out.iterdir():
                     if child.is_dir() and not child.is_symlink():
                         shutil.rmtree(child, ignore_errors=True)
                     else:
                         child.unlink(missing_ok=True)
-                if fresh:
-                    shutil.rmtree(out, ignore_errors=True)
             raise
 
 
