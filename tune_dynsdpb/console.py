@@ -20,7 +20,7 @@ from rich.table import Table
 from . import results as R
 from .baselines import learned_line
 from .searching import tie_notes
-from .state import JOURNAL_FILE, SweepState
+from .state import JOURNAL_FILE, SweepState, arm_key
 from .storage import redact
 
 
@@ -144,7 +144,7 @@ def print_summary(state: SweepState, out: Path) -> None:
         t.add_column("trials fin/stop/fail", no_wrap=True)
         t.add_column("best config")
         for m in state.methods:
-            arm = state.arms.get(f"{name}/{m}")
+            arm = state.arms.get(arm_key(name, m))
             if arm is None:
                 continue
             b = arm.best

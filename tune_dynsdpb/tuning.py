@@ -33,7 +33,7 @@ from .console import ProgressCallback, ProgressTable
 from .experiment import create_trainable, sigterm_as_interrupt
 from .search_space import SweepSpec
 from .searching import create_journal_storage, create_scheduler, create_searcher, use_journal
-from .state import EXPERIMENT, JOURNAL_FILE, ArmState, BestTrial, SweepState
+from .state import EXPERIMENT, JOURNAL_FILE, ArmState, BestTrial, SweepState, arm_key
 
 
 def configure_tune(spec: SweepSpec) -> None:
@@ -155,7 +155,7 @@ def collect_outcomes(grid, groups: list, state: SweepState) -> set[str]:
     only each arm's best keeps its optimizer state (:meth:`CheckpointPruner.finish`). Returns the
     ids of the grid's trials."""
     for n, m in groups:
-        state.arms[f"{n}/{m}"] = ArmState(task=n, method=m)
+        state.arms[arm_key(n, m)] = ArmState(task=n, method=m)
     trial_ids = set()
     for result in grid:
         config, last = result.config or {}, result.metrics or {}
