@@ -212,7 +212,8 @@ def test_sweep_output_dir_under_a_file(tiny_bert, tmp_path, capsys):
     rejected(capsys, ["sweep", path, "--output-dir", out], f"--output-dir: cannot create {out}: Not a directory")
 
 
-def fake_sweep(out: Path, model: Path, data_dir: Path, methods=("dlb",), num_samples=1, data_hash="stale"):
+def fake_sweep(out: Path, model: Path, data_dir: Path, methods=("dlb",), num_samples=1, data_hash="stale",
+               tracking_uri: str | None = None):
     """A sweep folder as an interrupted driver leaves it (sweep.json only, no trial yet)."""
     from tune_dynsdpb.search_space import parse_search_space
     from tune_dynsdpb.state import SweepState, TaskState
@@ -220,7 +221,7 @@ def fake_sweep(out: Path, model: Path, data_dir: Path, methods=("dlb",), num_sam
     spec = parse_search_space(spec_dict(model, name="fake", methods=list(methods), num_samples=num_samples))
     state = SweepState(sweep_id="fake0", spec=spec.model_dump(mode="json", by_alias=True),
                        spec_path=str(out / "fake.yaml"), methods=list(methods), num_samples=num_samples,
-                       tracking_uri=f"sqlite:///{out}/mlflow.db", model_path=str(model),
+                       tracking_uri=tracking_uri or f"sqlite:///{out}/mlflow.db", model_path=str(model),
                        storage_path=str(out / "ray"), created=0.0, status="interrupted",
                        tasks={"rte": TaskState(name="rte", metric="eval_accuracy", mode="max", data_dir=str(data_dir),
                                                data_hash=data_hash)})
@@ -266,6 +267,52 @@ def test_resume_with_other_num_samples_or_methods(tiny_bert, data_dir, tmp_path,
     rejected(capsys, ["sweep", "--resume", "--output-dir", out, "--set", "seed=1"],
              "--resume: continues the saved sweep file; give no sweep file or --set")
     assert (out / "sweep.json").read_text() == before
+
+
+def test_resume_with_the_same_store_and_data_given_again(tiny_bert, data_dir, tmp_path, capsys, monkeypatch):
+    """The tracking URI with the password a new sweep moved out of it, and the data folder written
+    relative to another working directory, name what the sweep saved: no conflict (the resume goes
+    on to the store, which is down here). Another host is still a conflict."""
+    import helpers
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = helpers.free_port()
+    out = tmp_path / "out"
+    fake_sweep(out, tiny_bert, data_dir, tracking_uri=f"http://127.0.0.1:{port}")
+    before = (out / "sweep.json").read_text()
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(data_dir)
+    assert not Path(relative).is_absolute() and Path(relative).resolve() == data_dir.resolve()
+    code, stdout, err = cli(capsys, "sweep", "--resume", "--output-dir", out, "--no-progress", "--data-dir", relative,
+                            "--tracking-uri", f"http://alice:s3cret-pw@127.0.0.1:{port}")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{E}MLflow tracking URI http://127.0.0.1:{port} is not usable: "), err
+    assert "s3cret" not in err + stdout
+    rejected(capsys, ["sweep", "--resume", "--output-dir", out, "--tracking-uri", f"http://alice:pw@127.0.0.2:{port}"],
+             f"--tracking-uri: 'http://127.0.0.2:{port}' conflicts with the saved sweep's 'http://127.0.0.1:{port}'; drop it to resume, "
+             "or start a new sweep")
+    assert (out / "sweep.json").read_text() == before
+
+
+def test_a_new_sweep_saves_its_data_folder_absolute(tmp_path, monkeypatch):
+    """``--data-dir ../shared/data`` (the README's) and a sweep file's relative ``data_dir`` are
+    saved absolute, so compare, export and --resume find the data from any working directory."""
+    from types import SimpleNamespace
+
+    from tune_dynsdpb.search_space import parse_search_space
+    from tune_dynsdpb.state import create_state
+
+    monkeypatch.chdir(tmp_path)
+    spec = parse_search_space({**spec_dict(tmp_path / "model", name="rel", methods=["dlb"]), "data_dir": "from-file"})
+    task = SimpleNamespace(metric="eval_accuracy", mode="max", spec=spec.task_specs()[0],
+                           task=SimpleNamespace(source="rte"), train=[0], eval=[0], data_hash="h", baseline=None,
+                           truncation={}, job=SimpleNamespace(model_path=str(tmp_path / "model")))
+    for given, saved in (("../data", tmp_path.parent / "data"), (None, tmp_path / "from-file")):
+        state = create_state(spec, {"rte": task}, spec_path="rel.yaml", tracking_uri="sqlite://",
+                             storage_path=str(tmp_path / "ray"), data_dir=given)
+        assert state.tasks["rte"].data_dir == str(saved)
 
 
 @pytest.mark.slow  # starts Ray or a server

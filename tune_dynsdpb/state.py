@@ -192,16 +192,21 @@ class SweepState(_Model):
             storage.mirror(self.storage_path, STATE_FILE, text=text)
 
 
+def _absolute(data_dir: str | None) -> str | None:
+    return storage.normalize(data_dir) if data_dir else None
+
+
 def create_state(spec: SweepSpec, tasks: dict, *, spec_path: str, tracking_uri: str, storage_path: str,
                  data_dir: str | None = None) -> SweepState:
     """A new sweep's first state: what was asked (``spec``; ``tracking_uri`` with its secret
-    redacted, as ``tracking.redact_uri`` does), each task's data as prepared
-    (``experiment.PreparedTask``), and one empty arm per (task, method)."""
+    redacted, as ``tracking.shown_uri`` does), each task's data as prepared
+    (``experiment.PreparedTask``) with its folder made absolute (``compare``, ``export`` and
+    ``--resume`` may run from another working directory), and one empty arm per (task, method)."""
     state = SweepState(
         sweep_id=uuid.uuid4().hex[:12], spec=spec.model_dump(mode="json", by_alias=True), spec_path=spec_path,
         methods=list(spec.methods), num_samples=spec.budget.num_samples, tracking_uri=tracking_uri,
         model_path=next(iter(tasks.values())).job.model_path, created=time.time(), storage_path=storage_path,
-        tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=data_dir or t.spec.data_dir,
+        tasks={n: TaskState(name=n, metric=t.metric, mode=t.mode, data_dir=_absolute(data_dir or t.spec.data_dir),
                             source=t.task.source, train_size=len(t.train), eval_size=len(t.eval),
                             data_hash=t.data_hash, baseline=t.baseline,
                             truncated={s: c.truncated for s, c in t.truncation.items()})

@@ -34,7 +34,7 @@ from .experiment import check_resources, init_ray, order_groups, preflight, prep
 from .search_space import SweepSpec, apply_overrides, load_search_space, parse_search_space
 from .searching import close_orphan_studies, fill_schedules
 from .state import JOURNAL_FILE, STATE_FILE, SweepState, create_state, open_stored_sweep, open_sweep, own_folder
-from .tracking import (check_tracking_uri, default_tracking_uri, open_tracking_uri, redact_uri, start_sweep_tracking,
+from .tracking import (check_tracking_uri, default_tracking_uri, open_tracking_uri, shown_uri, start_sweep_tracking,
                        use_tracking_uri)
 from .tuning import collect_outcomes, run_experiment
 
@@ -57,7 +57,7 @@ class _Sweep:
     @property
     def shown_uri(self) -> str:
         """The tracking URI as the state and the console show it (no secret)."""
-        return redact_uri(self.tracking_uri)
+        return shown_uri(self.tracking_uri)
 
     @property
     def journal(self) -> str:
@@ -143,8 +143,9 @@ def open_sweep_run(spec_path, output_dir, *, resume: bool, storage_path: str | N
         _check_output_dir(out)
     else:
         state = open_sweep(out)
-    _check_resume_args(state, **{"--methods": methods, "--num-samples": num_samples, "--data-dir": data_dir,
-                                 "--tracking-uri": redact_uri(tracking_uri) if tracking_uri else None,
+    _check_resume_args(state, **{"--methods": methods, "--num-samples": num_samples,
+                                 "--data-dir": storage.normalize(data_dir) if data_dir else None,
+                                 "--tracking-uri": shown_uri(tracking_uri) if tracking_uri else None,
                                  "--storage-path": storage.normalize(storage_path) if storage_path else None})
     spec = state.sweep_spec().model_copy(update={"tasks": state.task_specs(), "task": None})
     return _Sweep(out, spec, state, open_tracking_uri(state.tracking_uri, tracking_uri), state.storage_path,

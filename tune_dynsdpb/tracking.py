@@ -114,16 +114,31 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def use_tracking_uri(uri: str) -> str:
-    """The URI to store and print: credentials in ``http(s)://user:pw@host`` move to MLflow's
-    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` for this process (database URIs keep them, since
-    their drivers read them there, but are only ever stored and printed redacted)."""
+def _http_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """``uri`` without the user info of an ``http(s)://user:pw@host`` URI, and that (user, password)."""
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme in ("http", "https") and parts.password is not None:
-        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", urllib.parse.unquote(parts.username or ""))
-        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", urllib.parse.unquote(parts.password))
-        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return uri
+        user = (urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password))
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), user
+    return uri, None
+
+
+def use_tracking_uri(uri: str) -> str:
+    """The URI to connect with: credentials in ``http(s)://user:pw@host`` move to MLflow's
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` for this process (database URIs keep them, since
+    their drivers read them there, but are only ever stored and printed redacted)."""
+    bare, user = _http_credentials(uri)
+    if user is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user[0])
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", user[1])
+    return bare
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` as a sweep's state and console show it: what :func:`use_tracking_uri` connects
+    with, redacted (:func:`redact_uri`). The same store given with or without its password shows
+    the same."""
+    return redact_uri(_http_credentials(uri)[0])
 
 
 def open_tracking_uri(saved: str, given: str | None = None, flag: str = "--tracking-uri") -> str:
