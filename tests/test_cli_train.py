@@ -175,6 +175,8 @@ NUMBERS = [
     ("--gradient-accumulation-steps", "0"), ("--gradient-accumulation-steps", "-1"),
     ("--max-length", "0"), ("--max-length", "-8"), ("--warmup-ratio", "1"), ("--weight-decay", "-0.1"),
     ("--distill-warmup", "1.0"), ("--tau-range", "0", "5"),
+    ("--eval-steps", "0"), ("--eval-steps", "-1"), ("--logging-steps", "0"), ("--grad-norm-log-steps", "-1"),
+    ("--lora-r", "-1"),
 ]
 
 
@@ -190,6 +192,22 @@ def test_bad_training_numbers_are_rejected_before_anything_loads(flag_value, tmp
     code, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.startswith(f"tune-dynsdpb: error: {flag}: must ") and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+RUN_FLAGS = {  # settings that are wrong only together: one line naming a flag, before anything loads
+    "fp16 and bf16": (["--fp16", "--bf16"], "--fp16: give --fp16 or --bf16, not both"),
+    "LoRA modules without a rank": (["--lora-target-modules", "query"], "--lora-r: must be >= 1 for LoRA (got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_FLAGS))
+def test_run_flags_that_conflict_are_rejected_before_anything_loads(case, tmp_path, capsys):
+    given, line = RUN_FLAGS[case]
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "train", "--task", "rte", "--data-dir", str(tmp_path / "no-data"), "--model",
+                        str(tmp_path / "no-model"), "--output-dir", str(out), *given)
+    assert code == 2 and err.startswith(f"tune-dynsdpb: error: {line}") and err.count("\n") == 1, err
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 

@@ -212,7 +212,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     values = {name: getattr(a, name) for name in (*params.PARAMS, *params.TRAINING_PARAMS)}
     data = {k: getattr(a, k) for k in ("data_dir", "train_file", "eval_file", "text_fields", "label_field",
                                        "max_train_samples", "max_eval_samples")}
-    lora = {"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules} if a.lora_r else None
+    lora = ({"r": a.lora_r, "alpha": 2 * a.lora_r, "target_modules": a.lora_target_modules}
+            if a.lora_r or a.lora_target_modules else None)  # fine_tune refuses modules without a rank
     try:
         record = fine_tune(a.output_dir, task=a.task, model=a.model, method=a.method, values=values, data=data,
                            eval_steps=a.eval_steps, logging_steps=a.logging_steps,

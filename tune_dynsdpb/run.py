@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from . import params
 from .data import Task, check_truncation, count_truncation, load_task, tokenize_task, truncation_summary
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import staged_output
 from .results import metric_key
 from .trainer import DynSDPBConfig, DynSDPBTrainer
@@ -146,6 +146,28 @@ def save_final_model(trainer: DynSDPBTrainer, tokenizer, folder: str | Path) -> 
     tokenizer.save_pretrained(folder)
 
 
+def _check_run(eval_steps, logging_steps, grad_norm_log_steps, bf16, fp16, lora) -> tuple[str, str] | None:
+    """(flag, what is wrong) for the first bad setting of a run besides :mod:`~tune_dynsdpb.params`' own."""
+    for flag, value, low in (("--eval-steps", eval_steps, 1), ("--logging-steps", logging_steps, 1),
+                             ("--grad-norm-log-steps", grad_norm_log_steps, 0)):
+        if value is not None and value < low:
+            return flag, f"must be >= {low} (got {value})"
+    if bf16 and fp16:
+        return "--fp16", "give --fp16 or --bf16, not both"
+    if lora is not None and lora["r"] < 1:
+        return "--lora-r", f"must be >= 1 for LoRA (got {lora['r']}; 0 and no --lora-target-modules: full fine-tuning)"
+    return None
+
+
+def _create_config(**kwargs) -> DynSDPBConfig:
+    """DynSDPBConfig, with what ``TrainingArguments`` refuses for this machine (fp16 without a GPU,
+    say) as one line."""
+    try:
+        return DynSDPBConfig(**kwargs)
+    except ValueError as e:
+        raise UserError(f"train: {one_line(e)}") from None
+
+
 def fine_tune(output_dir: str | Path, *, task: str, model: str, method: str, values: dict, data: dict,
               eval_steps: int | None = None, logging_steps: int = 10, grad_norm_log_steps: int = 0, seed: int = 42,
               bf16: bool = False, fp16: bool = False, lora: dict | None = None, trust_remote_code: bool = False,
@@ -159,13 +181,14 @@ def fine_tune(output_dir: str | Path, *, task: str, model: str, method: str, val
     keyword arguments of :func:`~tune_dynsdpb.data.load_task` besides the task, the seed. Raises
     :class:`~tune_dynsdpb.trainer.TrainingDiverged` for a run that diverged."""
     values = {**values, "tau_range": tuple(values["tau_range"])}
-    bad = params.check_values(values, method=method)
+    bad = params.check_values(values, method=method) or _check_run(eval_steps, logging_steps, grad_norm_log_steps,
+                                                                   bf16, fp16, lora)
     if bad:
         raise UserError(f"{bad[0]}: {bad[1]}")
     hf_logging.disable_progress_bar()  # weight loading/writing; the training bar stays
     batch = values["per_device_train_batch_size"]
     with staged_output(Path(output_dir)) as tmp:
-        config = DynSDPBConfig(  # checks the method's fields again, as any library caller gets them
+        config = _create_config(  # checks the method's fields again, as any library caller gets them
             output_dir=str(tmp / "trainer"), method=method, **{name: values[name] for name in params.PARAMS},
             per_device_train_batch_size=batch, per_device_eval_batch_size=max(batch, 32),
             gradient_accumulation_steps=values["gradient_accumulation_steps"],
