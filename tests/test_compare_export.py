@@ -186,6 +186,16 @@ def test_compare_epochs_report_matches_mlflow(sweep, capsys):
     # a second run of the same budget is refused, the report stays
     rejected(capsys, ["compare", str(sweep), "--budget", "epochs"], "report-epochs", "already exists")
 
+    # the other task's finals, later: rte's finals runs (and its report's links to them) stay
+    assert main(["compare", str(sweep), "--seeds", "1", "--budget", "epochs", "--task", "sst2"]) == 0
+    assert (sweep / "report-epochs" / "sst2" / "finals.json").is_file()
+    kept = runs_with(c, **{"tune_dynsdpb.arm": "finals-epochs", "tune_dynsdpb.role": "trial",
+                           "tune_dynsdpb.task": "rte"})
+    assert sorted(r.info.run_id for r in kept) == sorted(r.info.run_id for r in trials)
+    assert c.get_run(summary["finals_run_id"]).info.lifecycle_stage == "active"
+    assert len(runs_with(c, **{"tune_dynsdpb.arm": "finals-epochs", "tune_dynsdpb.role": "trial",
+                               "tune_dynsdpb.task": "sst2"})) == len(ARMS)
+
 
 def test_compare_compute_budget_equalizes_sample_passes_and_writes_the_cross_task_table(sweep):
     assert main(["compare", str(sweep), "--seeds", "1", "--budget", "compute", "--methods", "vanilla", "dynsdpb"]) == 0

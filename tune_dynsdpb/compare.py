@@ -7,7 +7,10 @@ Seeds are the pairing unit: one seed gives every arm the same data order and ini
 Layout, beside the sweep's own files::
 
     STORAGE/finals-<budget>/        the Tune experiment of the finals (STORAGE: the sweep's storage
-                                    path, SWEEP/ray by default; a local folder or a URI)
+                                    path, SWEEP/ray by default; a local folder or a URI); a compare
+                                    of some tasks (``--task``) has its own, finals-<budget>-<task>...,
+                                    so that one of other tasks later leaves it, and their MLflow
+                                    runs, alone
     SWEEP/report-<budget>/          report.md, report.html, finals.json and the PNG plots
                                     (also logged to the parent run under report-<budget>/)
 
@@ -40,7 +43,7 @@ from .report import write_report, write_cross_task
 from .search_space import Choices, Range, config_name
 from .searching import replay_config
 from .state import SweepState, open_sweep
-from .tracking import TAG_ARM, TAG_SWEEP, SweepTracker, open_tracking_uri
+from .tracking import TAG_ARM, TAG_SWEEP, TAG_TASK, SweepTracker, open_tracking_uri
 from .tuning import checkpoint_uri, create_loggers, fit_tuner
 
 BUDGETS = ("epochs", "compute")
@@ -160,14 +163,14 @@ def run_finals(out: Path, state: SweepState, spec, tracker, names: list[str], be
 
     # At equal compute only vanilla's config changes: finished equal-epochs finals with the same
     # config (dlb, dynsdpb) are read back instead of trained again.
-    reused = (_reusable_finals(storage.join(state.storage_path, "finals-epochs"), configs)
-              if budget == "compute" else [])
+    reused = _reusable_finals(state.storage_path, configs) if budget == "compute" else []
     configs = [c for c in configs if not any(r.config == c for r in reused)]
 
     # -- the finals: one Tuner, a grid of full configs, retried on crashes ---------------------
-    name = f"finals-{budget}"
-    _discard_earlier_attempt(tracker, name)
-    storage.rmtree(storage.join(state.storage_path, name))
+    name = f"finals-{budget}"  # the MLflow arm of every task's finals at this budget
+    experiment = name if set(names) == set(state.tasks) else "-".join([name, *names])  # Tune's, for these tasks
+    _discard_earlier_attempt(tracker, name, names)
+    storage.rmtree(storage.join(state.storage_path, experiment))
     finals_runs = {n: tracker.start_arm(n, name) for n in names}
     for n in names:
         tracker.log_params(finals_runs[n], {"budget": budget, "seeds": ",".join(map(str, seed_list)),
@@ -178,7 +181,7 @@ def run_finals(out: Path, state: SweepState, spec, tracker, names: list[str], be
         tuner = tune.Tuner(
             create_trainable(spec_one, prepared, train_final), param_space=tune.grid_search(configs),
             tune_config=tune.TuneConfig(reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=state.storage_path, verbose=0,
+            run_config=tune.RunConfig(name=experiment, storage_path=state.storage_path, verbose=0,
                                       callbacks=[callback, *create_loggers()],
                                       failure_config=tune.FailureConfig(max_failures=2),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
@@ -242,23 +245,32 @@ def _report_state(state: SweepState, task: str) -> dict:
             "parent_run_id": state.parent_run_id, "baseline": t.baseline}
 
 
-def _reusable_finals(experiment: str, configs: list[dict]) -> list:
-    """Finished trials of an earlier finals experiment (a local folder or a URI) whose config
-    equals one of ``configs``."""
-    if not storage.is_dir(experiment) or not tune.Tuner.can_restore(experiment):
-        return []
-    try:
-        grid = tune.Tuner.restore(experiment, trainable=train_final).get_results()
-    except Exception:  # an unreadable or partial experiment: train everything again
-        return []
-    return [r for r in grid if R.classify(r.metrics, r.error is not None) is R.Outcome.FINISHED
-            and r.config in configs]
+def _reusable_finals(storage_path: str, configs: list[dict]) -> list:
+    """Finished trials of the equal-epochs finals (``finals-epochs``, or ``finals-epochs-<task>...``
+    for a compare of some tasks; local folders or URIs) whose config equals one of ``configs``,
+    one per config."""
+    found: dict[str, object] = {}
+    for folder in sorted(n for n, is_dir in storage.list_dir(storage_path).items()
+                         if is_dir and (n == "finals-epochs" or n.startswith("finals-epochs-"))):
+        experiment = storage.join(storage_path, folder)
+        if not tune.Tuner.can_restore(experiment):
+            continue
+        try:
+            grid = tune.Tuner.restore(experiment, trainable=train_final).get_results()
+        except Exception:  # an unreadable or partial experiment: what it held is trained again
+            continue
+        for r in grid:
+            if R.classify(r.metrics, r.error is not None) is R.Outcome.FINISHED and r.config in configs:
+                found.setdefault(json.dumps(r.config, sort_keys=True, default=str), r)
+    return list(found.values())
 
 
-def _discard_earlier_attempt(tracker, name: str) -> None:
+def _discard_earlier_attempt(tracker, name: str, tasks: list[str]) -> None:
     """Soft-deletes (``mlflow gc`` or a restore can follow) the MLflow runs of an earlier finals
-    attempt whose report was never written or was removed, so the runs match the new report."""
-    tracker.delete_runs(tracker.search({TAG_SWEEP: tracker.sweep_id, TAG_ARM: name}))
+    attempt of ``tasks`` whose report was never written or was removed, so the runs match the new
+    report. Other tasks' finals at this budget stay."""
+    for task in tasks:
+        tracker.delete_runs(tracker.search({TAG_SWEEP: tracker.sweep_id, TAG_ARM: name, TAG_TASK: task}))
 
 
 def collect_finals(grid, metric: str) -> tuple[list[dict], dict[str, list]]:
