@@ -162,7 +162,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.model is not None:
         if a.sweep_dir is not None or a.name or a.arm or a.task:
             raise UserError("--model: writes a registered model out; give it with --out only "
-                            "(no SWEEP_DIR, --name or --arm)")
+                            "(no SWEEP_DIR, --name, --arm or --task)")
         if a.out is None:
             raise UserError("--model: needs --out DIR")
         out = export_folder(a.model, a.out, tracking_uri=a.tracking_uri)

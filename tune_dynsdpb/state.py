@@ -25,8 +25,10 @@ and deletes it when it ends (also on Ctrl-C or SIGTERM). Another driver refuses 
 lease is held: its heartbeat is younger than ``LEASE_TTL_S`` seconds, and, on the same host, its
 process is alive. A lease whose driver was killed (SIGKILL, a lost machine) is taken over after
 ``LEASE_TTL_S`` seconds (at once on the same host). It is advisory and best effort: object stores
-have no compare-and-swap for it, so two drivers started within the same second on two machines
-could both take it; the later one's write wins, and the other stops at its next heartbeat.
+have no compare-and-swap for it. A driver reads the lease back right after writing it and refuses
+the sweep when another driver's write came after its own, so only two drivers whose writes and
+read-backs interleave exactly (started within the same second on two machines) could both take
+it; the heartbeat does not look again, and both would then run. Start one driver per sweep.
 Heartbeats are compared with the reader's clock: keep the machines' clocks in sync (NTP).
 """
 
