@@ -194,6 +194,9 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
     resumed = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", "--resume", "--output-dir",
                               str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # --no-progress (a job's log): no live table, but the header and the summary
+    assert "model " in resumed.stdout and "rte: best per arm" in resumed.stdout and "MLflow: experiment" in resumed.stdout
+    assert "┃ running ┃" not in resumed.stdout
     check_tree(client_for(f"sqlite:///{out}/mlflow.db"), name, ["rte"], ["dlb", "dynsdpb"], 3)
     state = json.loads((out / "sweep.json").read_text())
     assert state["status"] == "finished"

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the sweep file, e.g. --set budget.num_samples=16 --set model=/path")
     s.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --output-dir")
-    s.add_argument("--no-progress", action="store_true", help="no live table")
+    s.add_argument("--no-progress", action="store_true", help="no live table (for a job's log: the header and the summary still print)")
     s.add_argument("--verbose", action="store_true", help="show Ray's, transformers' and MLflow's own output")
     s.set_defaults(func=cmd_sweep)
 

@@ -158,7 +158,8 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
               overrides: Sequence[str] = (), ray_address: str | None = None, tracking_uri: str | None = None,
               storage_path: str | None = None, resume: bool = False, progress: bool = True, verbose: bool = False,
               ray_temp_dir: str | None = None) -> SweepState:
-    """Runs (or resumes) a sweep; returns its final state."""
+    """Runs (or resumes) a sweep; returns its final state. ``progress``: the live table (the header
+    and the summary are printed either way, for a job's log)."""
     quiet_libraries(verbose)
     run = open_sweep_run(spec_path, output_dir, resume=resume, storage_path=storage_path, tracking_uri=tracking_uri,
                          data_dir=data_dir, methods=methods, num_samples=num_samples, overrides=overrides)
@@ -170,13 +171,12 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
         tasks = prepare_tasks(run.spec, run.model, run.out / "cache", run.where, data_dir=run.data_dir, say=print)
         groups = order_groups(tasks, run.spec.methods)
         if run.state is None:
-            preflight(run.spec, tasks, run.where, say=print if progress else None)
+            preflight(run.spec, tasks, run.where, say=print)
             run.state = create_state(run.spec, tasks, spec_path=run.where, tracking_uri=run.shown_uri,
                                      storage_path=run.storage_path, data_dir=run.data_dir)
         else:
             run.state.check_data(tasks, run.out)
-        if progress:
-            print_header(run.state, run.out)
+        print_header(run.state, run.out)
         tracker = start_sweep_tracking(run.tracking_uri, run.out, run.state, tasks, groups)
         run.state.status = "running"
         run.state.save(run.out)
@@ -193,8 +193,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
             tracker.finish_sweep()
         except KeyboardInterrupt:
             raise run.state.stop(run.out) from None
-    if progress:
-        print_summary(run.state, run.out)
+    print_summary(run.state, run.out)
     return run.state
 
 
