@@ -104,6 +104,50 @@ def test_the_cli_sweep_refuses_a_duplicating_file_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_on_a_regression_task_lambda_alpha_alone_keeps_dynsdpb_from_dlb(tiny_bert_regression, tmp_path, capsys):
+    """A regression term has no tau (``losses.consistency_term``): lambda_alpha = 0 is exactly dlb there,
+    whatever lambda_tau is. Refused by the rule, by the trainer (which knows the head) and, for a sweep
+    file with a regression task, before any training (``validate``; a sweep does the same)."""
+    import torch
+    import yaml
+    from transformers import AutoModelForSequenceClassification
+
+    from tune_dynsdpb.cli import main
+    from tune_dynsdpb.losses import consistency_term
+    from tune_dynsdpb.trainer import DynSDPBConfig, DynSDPBTrainer
+
+    z_now, z_prev, y = torch.randn(6), torch.randn(6), torch.randn(6)
+    rates = {"alpha0": 0.7, "tau0": 2.5, "regression": True}
+    dyn = consistency_term(z_now, z_prev, y, method="dynsdpb", lambda_alpha=0.0, lambda_tau=0.8, **rates)
+    assert torch.equal(dyn.loss, consistency_term(z_now, z_prev, y, method="dlb", **rates).loss)  # the premise
+
+    values = {"lambda_alpha": 0.0, "lambda_tau": 0.8}
+    assert params.check_distinct("dynsdpb", values) is None  # classification: tau still adapts
+    assert params.check_distinct("dynsdpb", values, regression=True) == (
+        "lambda_alpha", "lambda_alpha = 0 on a regression task makes dynsdpb train exactly dlb (its term has no tau); "
+                        "give it a non-zero rate")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_regression)
+    args = DynSDPBConfig(output_dir=str(tmp_path / "t"), use_cpu=True, method="dynsdpb", report_to=[], **values)
+    with pytest.raises(UserError, match="^lambda_alpha: lambda_alpha = 0 on a regression task"):
+        DynSDPBTrainer(model=model, args=args)
+
+    import sweeps
+    from helpers import write_glue_dir
+
+    data = write_glue_dir(tmp_path / "data")
+    raw = sweeps.spec_dict(tiny_bert_regression, name="reg", methods=["dlb", "dynsdpb"], tasks=["stsb"])
+    f = tmp_path / "reg.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["validate", str(f), "--data-dir", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        f"tune-dynsdpb: error: {f}: params.dynsdpb.lambda_alpha: can be 0, which on the regression task stsb trains "
+        "exactly dlb (its term has no tau): keep it off 0 (e.g. {low: 0.1, high: 2.0})\n")
+    raw["params"]["dynsdpb"]["lambda_alpha"] = {"low": 0.1, "high": 1.0}
+    f.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(f), "--data-dir", str(data)]) == 0
+
+
 def test_tie_notes_say_why_two_arms_score_the_same():
     best = lambda m, **c: SimpleNamespace(score=0.8075, config={"method": m, "task": "sst2", **c})  # noqa: E731
     scored = {"dlb": best("dlb", alpha0=1.0, tau0=3.0, learning_rate=1e-4),

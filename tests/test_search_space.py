@@ -206,8 +206,8 @@ BAD = [  # (what, replace this, with this, the message after "<file>: ")
      "params.dynsdpb.granularity: choices must not be empty"),
     ("bad granularity", "{choices: [sample, batch]}", "{choices: [sample, token]}",
      "params.dynsdpb.granularity: granularity must be one of sample, batch (got 'token')"),
-    ("tau0 outside tau_range", "tau0: {low: 1.0, high: 5.0}}", "tau0: {low: 1.0, high: 30.0}}",
-     "params.dlb.tau0: must lie inside tau_range [0.05, 20] (training.tau_range)"),
+    ("tau0 outside tau_range", "    tau0: {low: 1.0, high: 5.0}\n", "    tau0: {low: 1.0, high: 30.0}\n",
+     "params.dynsdpb.tau0: dynsdpb's tau0 must lie inside tau_range [0.05, 20] (training.tau_range)"),
     ("point outside range", "name: t\n", "name: t\npoints_to_evaluate: {dlb: [{tau0: 9.0}]}\n",
      "points_to_evaluate.dlb.0.tau0: 9.0 lies outside the declared range [1, 5]"),
     ("point naming unknown param", "name: t\n", "name: t\npoints_to_evaluate: {dlb: [{lambda_tau: 0}]}\n",
@@ -236,6 +236,24 @@ def test_bad_input_is_one_line_user_error(tmp_path, what, old, new, expected):
     assert old in BASE
     path = write(tmp_path, BASE.replace(old, new, 1), name="bad_sweep.yaml")
     assert user_error(load_search_space, path) == f"{path}: {expected}"
+
+
+def test_tau_range_binds_dynsdpbs_tau0_alone(tmp_path):
+    """tau_range clamps dynsdpb's tau only: dlb's tau0 (and vanilla's default 3) may lie outside it."""
+    from tune_dynsdpb.params import check_values
+
+    text = BASE.replace("name: t\n", "name: t\ntraining: {tau_range: [0.5, 4.0]}\n")
+    text = text.replace("    tau0: {low: 1.0, high: 5.0}\n", "    tau0: {low: 1.0, high: 4.0}\n")
+    spec = load_search_space(write(tmp_path, text))
+    assert spec.params.dlb.tau0.high == 5.0 and spec.training.tau_range == (0.5, 4.0)
+    for method, tau0 in (("vanilla", 3.0), ("dlb", 5.0), ("dlb_warmup", 5.0), ("pbt", 5.0)):
+        assert check_values({"method": method, "tau0": tau0, "tau_range": (0.5, 4.0)}) is None
+    assert check_values({"method": "dynsdpb", "tau0": 5.0, "tau_range": (0.5, 4.0)})[0] == "tau_range"
+    # dynsdpb's tau0 left at its default (3), outside the range: the range is named
+    path = write(tmp_path, BASE.replace("    tau0: {low: 1.0, high: 5.0}\n", "") + "training: {tau_range: [4, 8]}\n",
+                 name="default.yaml")
+    assert user_error(load_search_space, path) == (
+        f"{path}: training.tau_range: dynsdpb's tau0 must lie inside tau_range [4, 8] (training.tau_range)")
 
 
 @pytest.mark.parametrize("name", ["../..", "/home/x", "a/b", ".hidden", "", "x" * 101])

@@ -252,7 +252,7 @@ def test_lora_causal_lm(tiny_gpt2, tmp_path):
     ("lambda_tau", -1.0, "lambda_tau"),
     ("lambda_alpha", -0.5, "lambda_alpha"),
     ("granularity", "token", "granularity"),
-    ("tau_range", (4.0, 10.0), "tau_range"),
+    ("tau_range", (10.0, 4.0), "tau_range"),
     ("distill_warmup", 1.0, "distill_warmup"),
     ("distill_warmup", -0.1, "distill_warmup"),
     ("method", "dlb-warmup", "method"),
@@ -262,6 +262,15 @@ def test_config_rejects_bad_values(field, value, match, method, tmp_path):
     with pytest.raises(UserError) as e:
         DynSDPBConfig(output_dir=str(tmp_path), **{"method": method, field: value}, report_to=[])
     assert str(e.value).startswith(f"{match}: ") and "\n" not in str(e.value)
+
+
+def test_tau0_outside_tau_range_is_refused_for_dynsdpb_alone(tmp_path):
+    """tau_range clamps dynsdpb's tau; the other methods never read it (tau0 3 outside [4, 10])."""
+    for method in ("vanilla", "dlb", "dlb_warmup", "pbt"):
+        DynSDPBConfig(output_dir=str(tmp_path), method=method, tau_range=(4.0, 10.0), report_to=[])
+    with pytest.raises(UserError) as e:
+        DynSDPBConfig(output_dir=str(tmp_path), method="dynsdpb", tau_range=(4.0, 10.0), report_to=[])
+    assert str(e.value).startswith("tau_range: must satisfy 0 < low <= tau0 <= high")
 
 
 def test_vanilla_accepts_odd_batch(tiny_bert, tmp_path):

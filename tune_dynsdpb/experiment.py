@@ -32,7 +32,7 @@ from .data import check_truncation, count_truncation, fingerprint, load_task, to
 from .errors import UserError, one_line
 from .params import passes_per_epoch
 from .run import load_model, resolve_model_path
-from .search_space import PAIRED, Choices, Range, SweepSpec, TaskSpec, config_name, resolve_metric
+from .search_space import PAIRED, Choices, Range, SweepSpec, TaskSpec, check_regression_arms, config_name, resolve_metric
 
 
 # What the trial actors need in their environment. TUNE_FUNCTION_THREAD_TIMEOUT_S: a pbt member
@@ -180,6 +180,8 @@ def prepare_tasks(spec: SweepSpec, model: str, cache_dir: Path, where: str, data
         task = load_task(ts.task, data_dir or ts.data_dir, max_train_samples=ts.max_train_samples,
                          max_eval_samples=ts.max_eval_samples, seed=spec.seed)
         metric, mode = resolve_metric(ts, task.metrics or (task.metric,), task.metric, task.metric_mode, where)
+        if task.kind == "regression":
+            check_regression_arms(spec, task.name, where)
         model_path = resolve_model_path(model)  # (a folder, or an installed model package's)
         try:
             _, tokenizer = load_model(model_path, task, lora=lora)

@@ -15,7 +15,7 @@ Public API::
     check_value(name, value) -> str | None                what is wrong with one value, or None
     check_batch_size(method, size) -> str | None          the half-batch rule of the paired methods
     check_tau0_in_range(tau0, tau_range) -> str | None    the one rule that ties two parameters
-    check_distinct(method, values) -> (name, problem) | None   no arm trains exactly another arm
+    check_distinct(method, values, regression) -> (name, problem) | None   no arm trains exactly another
     check_schedule(value) -> str | None                   a (step, alpha, tau) schedule, ordered by step
     alpha_tau_at, effective_schedule, continue_schedule   reading and extending a schedule (dlb, pbt)
     check_values(values, method=None) -> (name, problem) | None   all of the above over a mapping
@@ -274,7 +274,9 @@ def check_batch_size(method: str, size: Any) -> str | None:
 
 
 def check_tau0_in_range(tau0: float, tau_range: tuple[float, float]) -> str | None:
-    """tau0 must lie inside tau_range, so that dynsdpb with zero rates is exactly dlb."""
+    """dynsdpb's tau0 must lie inside tau_range, which clamps its tau, so that dynsdpb with zero
+    rates is exactly dlb. No other method reads tau_range (:func:`check_values` asks it of
+    dynsdpb, and of a config whose method is not known)."""
     lo, hi = tau_range
     if not lo <= tau0 <= hi:
         return f"must satisfy 0 < low <= tau0 <= high (got {tuple(tau_range)!r}, tau0={tau0})"
@@ -288,10 +290,14 @@ def check_schedule_method(method: str | None, values: Mapping[str, Any]) -> tupl
     return None
 
 
-def check_distinct(method: str | None, values: Mapping[str, Any]) -> tuple[str, str] | None:
+def check_distinct(method: str | None, values: Mapping[str, Any], regression: bool = False) -> tuple[str, str] | None:
     """An arm must train what its name says, never exactly another arm: ``dynsdpb`` with both rates
-    0 is static DLB (``dlb_warmup``'s warm-up is kept off 0 by its bounds). ``(name, problem)`` or None."""
-    if method == "dynsdpb" and values.get("lambda_alpha") == 0 and values.get("lambda_tau") == 0:
+    0 is static DLB, and on a ``regression`` task (whose term has no tau) so is ``lambda_alpha`` 0
+    alone (``dlb_warmup``'s warm-up is kept off 0 by its bounds). ``(name, problem)`` or None."""
+    if method == "dynsdpb" and values.get("lambda_alpha") == 0 and (regression or values.get("lambda_tau") == 0):
+        if regression:
+            return "lambda_alpha", ("lambda_alpha = 0 on a regression task makes dynsdpb train exactly dlb "
+                                    "(its term has no tau); give it a non-zero rate")
         return "lambda_tau", ("lambda_alpha = lambda_tau = 0 makes dynsdpb train exactly dlb; "
                               "give it a non-zero rate")
     return None
@@ -301,7 +307,7 @@ def check_values(values: Mapping[str, Any], method: str | None = None) -> tuple[
     """The first problem among ``values`` (config field name -> value) as ``(name, problem)``, or None.
 
     Checks ``method`` (from ``values`` or the argument), each known parameter present, the batch
-    size against the method, tau0 against tau_range, and that the method is not another one in
+    size against the method, tau0 against tau_range (dynsdpb's), and that the method is not another one in
     disguise (:func:`check_distinct`). Unknown names are ignored.
     """
     method = values.get("method", method)
@@ -313,7 +319,7 @@ def check_values(values: Mapping[str, Any], method: str | None = None) -> tuple[
                        else check_value(name, value))
             if problem:
                 return name, problem
-    if "tau0" in values and "tau_range" in values:
+    if "tau0" in values and "tau_range" in values and (method is None or method in methods_using("tau_range")):
         problem = check_tau0_in_range(values["tau0"], values["tau_range"])
         if problem:
             return "tau_range", problem

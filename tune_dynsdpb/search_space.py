@@ -413,12 +413,13 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
         name: _check_param(f"params.{block}.{name}", name, p, paired)
         for name, p in getattr(spec.params, block) if p is not None}) for block in ("common", *PAIRED)}
     spec = spec.model_copy(update={"params": spec.params.model_copy(update=blocks)})
-    lo, hi = spec.training.tau_range or PARAMS["tau_range"].default
-    for block in PAIRED:
-        p = getattr(spec.params, block).tau0
+    if "dynsdpb" in spec.methods:  # tau_range clamps dynsdpb's tau; no other arm reads it
+        lo, hi = spec.training.tau_range or PARAMS["tau_range"].default
+        p = spec.params.arm("dynsdpb").get("tau0", PARAMS["tau0"].default)
         ends = [p.low, p.high] if isinstance(p, Range) else p.choices if isinstance(p, Choices) else [p]
-        if p is not None and not all(lo <= v <= hi for v in ends):
-            raise _bad(f"params.{block}.tau0", f"must lie inside tau_range [{lo:g}, {hi:g}] (training.tau_range)")
+        if not all(lo <= v <= hi for v in ends):
+            where = "params.dynsdpb.tau0" if spec.params.dynsdpb.tau0 is not None else "training.tau_range"
+            raise _bad(where, f"dynsdpb's tau0 must lie inside tau_range [{lo:g}, {hi:g}] (training.tau_range)")
     _check_distinct_arms(spec)
     _check_pbt(spec)
     for m, points in (spec.points_to_evaluate or {}).items():
@@ -462,9 +463,22 @@ def _can_be(p: Any, name: str, v: float) -> bool:
     return p == v
 
 
+def check_regression_arms(spec: SweepSpec, task: str, where: str) -> None:
+    """On a regression task dynsdpb's term has no tau (``params.check_distinct``): a ``lambda_alpha``
+    that can be 0 trains exactly dlb there. Asked once the task's kind is known (it is not in the file)."""
+    dyn = spec.params.dynsdpb
+    fixed = {k: v for k, v in spec.params.arm("dynsdpb").items() if not isinstance(v, (Range, Choices))}
+    points = [{**fixed, **p} for p in (spec.points_to_evaluate or {}).get("dynsdpb", [])]
+    if "dynsdpb" in spec.methods and (_can_be(dyn.lambda_alpha, "lambda_alpha", 0.0) or any(
+            p.get("lambda_alpha", PARAMS["lambda_alpha"].default) == 0 for p in points)):
+        raise UserError(f"{where}: params.dynsdpb.lambda_alpha: can be 0, which on the regression task {task} "
+                        "trains exactly dlb (its term has no tau): keep it off 0 (e.g. {low: 0.1, high: 2.0})")
+
+
 def _check_distinct_arms(spec: SweepSpec) -> None:
     """No arm may train exactly what another arm trains: dynsdpb whose two rates can both be 0 is
-    static DLB (dlb_warmup's warm-up has an exclusive low bound of 0 in params.py)."""
+    static DLB (dlb_warmup's warm-up has an exclusive low bound of 0 in params.py); on a regression
+    task, see :func:`check_regression_arms`."""
     if "dynsdpb" not in spec.methods:
         return
     dyn = spec.params.dynsdpb

@@ -37,7 +37,7 @@ from transformers.utils import logging
 from .errors import UserError
 from .losses import consistency_term
 from .params import (DEFAULT_METHOD, METHOD_HELP, PARAMS, SCHEDULED, Granularity, Method, Schedule, alpha_tau_at,
-                     check_values, continue_schedule, effective_schedule, normalize_schedule)
+                     check_distinct, check_values, continue_schedule, effective_schedule, normalize_schedule)
 from .sampler import PreviousBatchSampler, SoftTargetCache
 
 logger = logging.get_logger(__name__)
@@ -232,6 +232,10 @@ class DynSDPBTrainer(Trainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft adapter
         self._causal_lm = _is_causal_lm(base)
         self._regression = not self._causal_lm and getattr(base.config, "num_labels", 2) == 1
+        bad = check_distinct(self.args.method, {"lambda_alpha": self.args.lambda_alpha,
+                                                "lambda_tau": self.args.lambda_tau}, regression=self._regression)
+        if bad:  # the config could not tell: it does not know the head
+            raise UserError(f"{bad[0]}: {bad[1]}")
         if self.args.grad_norm_log_steps > 0:
             self.add_callback(_GradNormLogger(self, self.args.grad_norm_log_steps))
         if not self._causal_lm:
