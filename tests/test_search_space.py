@@ -208,6 +208,8 @@ BAD = [  # (what, replace this, with this, the message after "<file>: ")
      "params.dynsdpb.granularity: granularity must be one of sample, batch (got 'token')"),
     ("tau0 outside tau_range", "    tau0: {low: 1.0, high: 5.0}\n", "    tau0: {low: 1.0, high: 30.0}\n",
      "params.dynsdpb.tau0: dynsdpb's tau0 must lie inside tau_range [0.05, 20] (training.tau_range)"),
+    ("inverted tau_range", "name: t\n", "name: t\ntraining: {tau_range: [8.0, 4.0]}\n",
+     "training.tau_range: must have LOW <= HIGH (got (8.0, 4.0))"),
     ("point outside range", "name: t\n", "name: t\npoints_to_evaluate: {dlb: [{tau0: 9.0}]}\n",
      "points_to_evaluate.dlb.0.tau0: 9.0 lies outside the declared range [1, 5]"),
     ("point naming unknown param", "name: t\n", "name: t\npoints_to_evaluate: {dlb: [{lambda_tau: 0}]}\n",

@@ -273,6 +273,21 @@ def test_tau0_outside_tau_range_is_refused_for_dynsdpb_alone(tmp_path):
     assert str(e.value).startswith("tau_range: must satisfy 0 < low <= tau0 <= high")
 
 
+def test_the_logged_statistics_take_a_per_gpu_loss_and_a_term_without_target_tokens(tiny_bert, tmp_path):
+    """Under DataParallel (several GPUs, one process) the model's loss is one value per GPU; a causal
+    LM's reused half may hold no target token (all -100), leaving a term over 0 rows. Neither may
+    crash the statistics: the CE is averaged, and an empty term counts as a step without one."""
+    from tune_dynsdpb.losses import Consistency
+
+    trainer, rec = build("classification", tiny_bert, tmp_path, "dlb")
+    empty = torch.zeros(0)
+    trainer._stats_add(torch.tensor([1.0, 3.0]), None, None)  # two GPUs' losses: 2.0
+    trainer._stats_add(torch.tensor(4.0), Consistency(torch.tensor(0.0), empty, empty, empty, empty), None)
+    trainer.log({"loss": 3.0})
+    (logged,) = rec.logs
+    assert logged["ce_loss"] == pytest.approx(3.0) and "alpha_mean" not in logged
+
+
 def test_vanilla_accepts_odd_batch(tiny_bert, tmp_path):
     """Vanilla does not split batches: a batch of 3 trains as batches of 3 (dlb rejects it)."""
     trainer, rec = build("classification", tiny_bert, tmp_path / "v", "vanilla", batch=3, steps=2)

@@ -413,6 +413,8 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
         name: _check_param(f"params.{block}.{name}", name, p, paired)
         for name, p in getattr(spec.params, block) if p is not None}) for block in ("common", *PAIRED)}
     spec = spec.model_copy(update={"params": spec.params.model_copy(update=blocks)})
+    if spec.training.tau_range and check_value("tau_range", tuple(spec.training.tau_range)):
+        raise _bad("training.tau_range", check_value("tau_range", tuple(spec.training.tau_range)))
     if "dynsdpb" in spec.methods:  # tau_range clamps dynsdpb's tau; no other arm reads it
         lo, hi = spec.training.tau_range or PARAMS["tau_range"].default
         p = spec.params.arm("dynsdpb").get("tau0", PARAMS["tau0"].default)
@@ -439,8 +441,6 @@ def _check_spec(spec: SweepSpec) -> SweepSpec:
         raise _bad("training.bf16", "fp16 and bf16 are exclusive")
     if t.eval_batch_size and t.per_device_eval_batch_size:
         raise _bad("training.eval_batch_size", "give eval_batch_size or per_device_eval_batch_size, not both")
-    if t.tau_range and not 0 < t.tau_range[0] < t.tau_range[1]:
-        raise _bad("training.tau_range", "needs 0 < low < high")
     if spec.resources.gpus_per_trial > 1 and not spec.resources.gpus_per_trial.is_integer():
         raise _bad("resources.gpus_per_trial", "above 1 it must be a whole number of GPUs")
     if spec.budget.grace_period > max_reports(spec):

@@ -347,8 +347,8 @@ class DynSDPBTrainer(Trainer):
         s, slots = self._stats_device, self._slots
         # a CE normalised over the accumulated batch is a fraction of the micro-batch's own mean
         scale = self.current_gradient_accumulation_steps if self._loss_is_scaled(num_items_in_batch) else 1
-        ce = ce.detach().float() * scale
-        if term is None:
+        ce = ce.detach().float().mean() * scale  # (a vector under DataParallel: one loss per GPU)
+        if term is None or term.alpha.numel() == 0:  # no term, or no target token among the reused rows
             s.index_add_(0, slots["step"], torch.stack([ce, self._one]))
             return
         alpha_min, alpha_max = torch.aminmax(term.alpha)
