@@ -16,6 +16,7 @@ from scipy import stats
 from sweeps import spec_file
 from tune_dynsdpb.cli import main
 from tune_dynsdpb.compare import final_configs
+from tune_dynsdpb.errors import UserError
 from tune_dynsdpb.report import cohens_dz, config_notes, paired_test, summarize
 
 pytestmark = pytest.mark.slow
@@ -341,6 +342,27 @@ def test_export_failing_midway_deletes_what_it_registered(sweep, monkeypatch):
         export_sweep(sweep, "midway", task="sst2")  # the existing model keeps its versions and aliases
     assert {v.version for v in c.search_model_versions("name = 'midway'")} == versions
     assert c.get_registered_model("midway").aliases == aliases
+
+
+def test_an_export_that_loses_the_race_for_a_name_leaves_the_winners_model(sweep, monkeypatch):
+    """Another task's export creates the name between this export's check and its own create: this
+    one is refused, and its roll-back leaves the other's registered model (it did not create it)."""
+    from mlflow import MlflowClient
+
+    from tune_dynsdpb.export import export_sweep
+
+    c = client(sweep)
+    real = MlflowClient.create_registered_model
+
+    def raced(self, name, *args, **kwargs):
+        if name == "raced" and not registered(c, "raced"):  # the other export wins, just before this one
+            real(self, name, tags={"tune_dynsdpb.task": "cola"})
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_registered_model", raced)
+    with pytest.raises(UserError, match="registered model 'raced' holds cola models"):
+        export_sweep(sweep, "raced", task="sst2")
+    assert registered(c, "raced") and c.get_registered_model("raced").tags["tune_dynsdpb.task"] == "cola"
 
 
 def test_config_notes_flag_zero_rates_and_identical_arms():

@@ -132,9 +132,11 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
     logged: list[str] = []
     aliases = {f"best-{m}": m for m in best} | {ALIAS_CHAMPION: winner}
     before: dict[str, str] = {}
+    made = False  # whether this export created the registered model (only then may its roll-back delete it)
     try:
         if not existed:
             existed = registry.create_model(name, task.name, {"tune_dynsdpb.pipeline_task": ptask})
+            made = not existed
         if existed:  # same task (checked above), or an empty model without the tag yet
             registry.tag_model(name, TAG_TASK, task.name)
         before = registry.alias_versions(name, aliases)  # what to put back, read before any change
@@ -169,7 +171,7 @@ def export_sweep(sweep_dir: str | Path, name: str, arm: str | None = None,
         for alias, m in aliases.items():
             registry.set_alias(name, alias, versions[m])
     except BaseException:
-        registry.rollback(name, created, before, existed)
+        registry.rollback(name, created, before, existed=not made)
         registry.discard(run_id, logged)
         raise
     registry.end_run(run_id)
