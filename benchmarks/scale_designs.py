@@ -115,7 +115,7 @@ def run_ours(design: str, spec, trainable, folder: Path):
             f0 = time.time()
             tuner = create_tuner(spec, gs, trainable, storage if name == "after" else f"{storage}/{i}", callbacks,
                                  str(folder / "optuna.journal"))
-            grids.append(fit_tuner(tuner, len(gs) * spec.budget.num_samples, spec.budget.time_budget_s))
+            grids.append(fit_tuner(tuner, len(gs) * spec.budget.num_samples))
             if tracker is not None:
                 callbacks[0].flush()
             fits.append((f0, time.time()))

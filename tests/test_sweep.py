@@ -203,6 +203,33 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
     assert all(a["started"] == 3 for a in state["arms"].values())
 
 
+def test_a_time_budget_ends_the_sweep_and_a_resume_gets_only_the_time_left(tiny_bert, data_dir, tmp_path):
+    """``budget.time_budget_s`` ends a sweep that has trials left (exit 0, finished, not "unfinished").
+    Stopped by Ctrl-C first and resumed, Tune brings its time stopper back with the time that was left:
+    the resume ends when that is spent, as finished (before, the resume measured the whole budget
+    from its own start, called the sweep unfinished and stopped as interrupted, at every resume)."""
+    budget = 30
+    spec = spec_file(tmp_path, tiny_bert, name="timed", methods=["dlb", "dynsdpb"], num_samples=50, grace_period=8,
+                     budget={"time_budget_s": budget},
+                     params={"common": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                                        "num_train_epochs": 4, "per_device_train_batch_size": 16}})
+    out = tmp_path / "sweep"
+    env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
+    proc = helpers.start_sweep(spec, data_dir, out, env)
+    try:
+        helpers.wait_for_finished_trials(out, proc)
+    finally:
+        code, err = helpers.signal_driver(proc, signal.SIGINT)
+    assert code == 130, err[-2000:]  # stopped before its time was up
+    resumed = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", "--resume", "--output-dir",
+                              str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "unfinished" not in resumed.stderr
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["status"] == "finished"
+    assert 0 < sum(a["started"] for a in state["arms"].values()) < 100  # the time ran out, not the trials
+
+
 def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path, monkeypatch):
     """The real trainer on 2 DDP workers (gloo) as one Tune trial, one of whose workers is killed
     after the trial's first checkpoint: Tune retries it from that checkpoint, and it ends at the

@@ -593,6 +593,7 @@ class _Writer:
         self.params: dict[str, set] = {}     # trial id -> the param keys its run has (MLflow refuses changes)
         self.running: set[str] = set()       # trial ids whose run is RUNNING
         self.names: dict[tuple, int] = {}    # group -> trial runs named so far
+        self.groups: dict[str, tuple] = {}   # trial id -> its (task, arm), once its run is known
         self.turn_began = -float("inf")
         self.thread = threading.Thread(target=self._loop, name="mlflow-writer", daemon=True)
         if start:
@@ -707,7 +708,8 @@ class _Writer:
         if not missing and trial_id not in self.running:
             return
         log.warning("trial %s: %d report(s) or its end were missing from its MLflow run %s (the driver stopped with "
-                    "writes queued); logged now from its result.json", trial_id, len(missing), run_id)
+                    "writes queued, or Tune stopped the trial before it reported, as a time budget does); logged "
+                    "now from its result.json", trial_id, len(missing), run_id)
         p = _Pending(group)
         p.params, p.reports, p.tags, p.status = params, missing, tags, status
         self._write(trial_id, p)
@@ -739,7 +741,7 @@ class _Writer:
                 self.names[group] = n + 1
                 self.last_step[trial_id], self.attempts[trial_id], self.params[trial_id] = -1, 1, set()
                 self.running.add(trial_id)
-            self.runs[trial_id] = run_id
+            self.runs[trial_id], self.groups[trial_id] = run_id, group
         return self.runs[trial_id]
 
 
@@ -801,12 +803,17 @@ class MLflowTrialCallback(Callback):
             trial_id = last.get("trial_id")
             if not trial_id or (trial_id in w.runs and trial_id not in w.running):
                 continue
-            group = self._group(SimpleNamespace(config=result.config))
             try:
                 with result.filesystem.open_input_stream(f"{result.path}/result.json") as f:
                     rows = [json.loads(line) for line in f.readall().decode().splitlines() if line.strip()]
             except FileNotFoundError:
                 rows = []
+            # A trial Tune stopped before its first report (the time budget ran out) has no config in
+            # its result: its run's group as the writer knows it, else as its last logged row says.
+            config = result.config or (rows[-1].get("config") if rows else None)
+            group = self._group(SimpleNamespace(config=config)) if config else w.groups.get(trial_id)
+            if group is None:  # never started, never reported: no run to make
+                continue
             reports = [metrics_of(r, int(time.time() * 1000)) for r in rows]
             params = params_of(result.config or {})
             if result.error is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
+from ray.tune.stopper import TimeoutStopper
 
 from trainables.distributed import max_concurrent_ddp_trials
 
@@ -74,6 +75,22 @@ def _without_default_loggers():
             os.environ.pop(key, None)
 
 
+_TIME_UP = threading.Event()  # set by TimeBudget in this (the driver's) process
+
+
+class TimeBudget(TimeoutStopper):
+    """``budget.time_budget_s``: Tune's own ``TimeoutStopper``, which also tells :func:`fit_tuner`
+    that it ended the run. Tune saves a stopper with the experiment and a restore brings it back
+    with the time that was left, so a resumed sweep gets the rest of its budget, not all of it
+    again, and only the stopper knows when that rest is spent."""
+
+    def stop_all(self) -> bool:
+        if super().stop_all():
+            _TIME_UP.set()
+            return True
+        return False
+
+
 def create_tuner(spec: SweepSpec, groups: list, trainable, storage_path: str, callbacks: list,
                  journal: str | None):
     """One Tuner for every (task, arm) group: round-robin Optuna searcher, grouped ASHA."""
@@ -83,10 +100,11 @@ def create_tuner(spec: SweepSpec, groups: list, trainable, storage_path: str, ca
         tune_config=tune.TuneConfig(  # no metric here: a failed trial's last report has no objective
             num_samples=len(groups) * spec.budget.num_samples,
             reuse_actors=True,  # no process start + torch/transformers import per trial
-            max_concurrent_trials=max_concurrent(spec), time_budget_s=spec.budget.time_budget_s,
+            max_concurrent_trials=max_concurrent(spec),
             search_alg=create_searcher(spec, groups, storage_obj), scheduler=create_scheduler(spec, groups)),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=storage_path, verbose=0, callbacks=[*callbacks, *create_loggers()],
+            stop=TimeBudget(spec.budget.time_budget_s) if spec.budget.time_budget_s else None,
             failure_config=tune.FailureConfig(max_failures=2),
             # num_to_keep=None: a bound would force an experiment snapshot every few reports
             # (benchmarks/sweep_scale.py); CheckpointPruner keeps a finished trial's best one
@@ -94,8 +112,9 @@ def create_tuner(spec: SweepSpec, groups: list, trainable, storage_path: str, ca
                                                     checkpoint_score_order=R.MODE)))
 
 
-def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = None):
-    """``tuner.fit()``; raises KeyboardInterrupt if Ctrl-C or SIGTERM ended it early.
+def fit_tuner(tuner, budget: int | None = None):
+    """``tuner.fit()``; raises KeyboardInterrupt if Ctrl-C or SIGTERM ended it early (a run that
+    :class:`TimeBudget` ended is not early).
 
     SIGTERM (a preempted node, Slurm, Kubernetes) is turned into the SIGINT that Tune handles:
     Tune saves the experiment and returns. Tune swaps in its own SIGINT handler for the run and
@@ -103,7 +122,7 @@ def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = No
     tells whether the run was interrupted; the results' ``done`` flags catch the rest."""
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if main else None
-    start = time.monotonic()
+    _TIME_UP.clear()
     sigterm_as_interrupt()
     with _without_default_loggers():
         grid = tuner.fit()
@@ -111,7 +130,7 @@ def fit_tuner(tuner, budget: int | None = None, time_budget_s: float | None = No
     if main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")):
         interrupted = signal.getsignal(signal.SIGINT) is before
         signal.signal(signal.SIGINT, before)
-    time_up = time_budget_s is not None and time.monotonic() - start >= time_budget_s
+    time_up = _TIME_UP.is_set()
     if interrupted:
         raise KeyboardInterrupt
     if budget is not None and not time_up and not complete(grid, budget):
@@ -143,7 +162,7 @@ def run_experiment(spec: SweepSpec, state: SweepState, tasks: dict, groups: list
         tuner = create_tuner(spec, groups, trainable, state.storage_path, [callback, ProgressCallback(), *ours],
                              journal)
     try:
-        return fit_tuner(tuner, len(groups) * spec.budget.num_samples, spec.budget.time_budget_s)
+        return fit_tuner(tuner, len(groups) * spec.budget.num_samples)
     finally:  # (also when interrupted: Tune returned early and saved its state)
         table.close()
         callback.flush()
