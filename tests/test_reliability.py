@@ -296,6 +296,23 @@ def test_resume_with_the_same_store_and_data_given_again(tiny_bert, data_dir, tm
     assert (out / "sweep.json").read_text() == before
 
 
+@pytest.mark.parametrize("held", ["sweep.json", "sweep"])
+def test_a_new_sweep_refuses_a_storage_path_that_holds_another(held, tiny_bert, data_dir, tmp_path, capsys):
+    """A new sweep on a storage path where another sweep's state or Tune experiment lies would
+    overwrite them (and a resume of the other would restore the new one's experiment)."""
+    store = tmp_path / "store"
+    (store / "sweep").mkdir(parents=True)
+    if held == "sweep.json":
+        (store / "sweep").rmdir()
+        (store / "sweep.json").write_text("{}")
+    path, out = write_spec(tmp_path, tiny_bert), tmp_path / "out"
+    rejected(capsys, ["sweep", path, "--data-dir", data_dir, "--output-dir", out, "--storage-path", store,
+                      "--no-progress"],
+             f"--storage-path: {store} already holds a sweep; continue it with --resume --storage-path {store}, "
+             "or give another path")
+    assert not out.exists() and sorted(p.name for p in store.iterdir()) == [held]
+
+
 def test_a_new_sweep_saves_its_data_folder_absolute(tmp_path, monkeypatch):
     """``--data-dir ../shared/data`` (the README's) and a sweep file's relative ``data_dir`` are
     saved absolute, so compare, export and --resume find the data from any working directory."""

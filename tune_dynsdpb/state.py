@@ -283,9 +283,10 @@ def lock_folder(out: str | os.PathLike) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def own_folder(out: Path, *, fresh: bool, storage_path: str) -> Iterator[None]:
+def own_folder(out: Path, *, fresh: bool, storage_path: str, new: bool = False) -> Iterator[None]:
     """What one driver holds while it runs a sweep: the folder's lock, the storage path checked (a
-    probe object written and deleted) and its lease (unless it lies in the folder). A sweep that
+    probe object written and deleted; for a ``new`` sweep, holding no other sweep, whose state and
+    Tune experiment it would overwrite) and its lease (unless it lies in the folder). A sweep that
     fails before its state is first saved (a bad metric, an unreachable tracking store or storage
     path, resources no node has, a failing preflight) leaves the folder as it found it: removed if
     it made it, else emptied (it was empty), so the same --output-dir works next time. The undo
@@ -293,6 +294,12 @@ def own_folder(out: Path, *, fresh: bool, storage_path: str) -> Iterator[None]:
     with lock_folder(out):
         try:
             storage.check_storage(storage_path)  # before any MLflow run or trial
+            if new and not storage.within(storage_path, out) and (
+                    storage.exists(storage.join(storage_path, STATE_FILE))
+                    or storage.exists(storage.join(storage_path, EXPERIMENT))):
+                shown = storage.redact(storage_path)
+                raise UserError(f"--storage-path: {shown} already holds a sweep; continue it with "
+                                f"--resume --storage-path {shown}, or give another path")
             with contextlib.nullcontext() if storage.within(storage_path, out) else hold_lease(storage_path):
                 yield
         except BaseException:

@@ -163,7 +163,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
     quiet_libraries(verbose)
     run = open_sweep_run(spec_path, output_dir, resume=resume, storage_path=storage_path, tracking_uri=tracking_uri,
                          data_dir=data_dir, methods=methods, num_samples=num_samples, overrides=overrides)
-    with own_folder(run.out, fresh=run.fresh, storage_path=run.storage_path):
+    with own_folder(run.out, fresh=run.fresh, storage_path=run.storage_path, new=not run.resume):
         check_tracking_uri(run.tracking_uri)
         init_ray(ray_address, ray_temp_dir, verbose=verbose)
         # 2. what every trial shares: each task made ready, and a new sweep's preflight and first state
