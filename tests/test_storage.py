@@ -130,6 +130,26 @@ def test_within_and_mirror(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("tune-dynsdpb: warning: cannot mirror s.json to "), err
 
 
+def test_a_state_whose_journal_cannot_be_mirrored_is_not_mirrored_either(tmp_path, capsys):
+    """The stored journal is never older than the stored state: when the journal's mirror fails,
+    the state's is not written (the local state is)."""
+    from tune_dynsdpb.state import JOURNAL_FILE, STATE_FILE, SweepState
+
+    out, store = tmp_path / "out", tmp_path / "store"
+    out.mkdir()
+    (out / JOURNAL_FILE).write_text("journal")
+    (store / JOURNAL_FILE).mkdir(parents=True)  # the journal cannot be written there
+    state = SweepState(sweep_id="s", spec={}, spec_path="f.yaml", methods=["dlb"], num_samples=1, tracking_uri="t",
+                       model_path="m", created=0.0, storage_path=str(store), tasks={})
+    state.save(out, journal=True)
+    assert (out / STATE_FILE).is_file() and not (store / STATE_FILE).exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tune-dynsdpb: warning: cannot mirror {JOURNAL_FILE} to "), err
+    (store / JOURNAL_FILE).rmdir()
+    state.save(out, journal=True)  # the storage back: both go up
+    assert (store / JOURNAL_FILE).read_text() == "journal" and (store / STATE_FILE).is_file()
+
+
 # -- SeaweedFS ------------------------------------------------------------------------------------
 def _free(port: int) -> bool:
     import socket

@@ -228,6 +228,13 @@ def test_a_time_budget_ends_the_sweep_and_a_resume_gets_only_the_time_left(tiny_
     state = json.loads((out / "sweep.json").read_text())
     assert state["status"] == "finished"
     assert 0 < sum(a["started"] for a in state["arms"].values()) < 100  # the time ran out, not the trials
+    # a finished sweep resumed again (a job's retry): nothing runs, nothing is logged again
+    before = {p: p.read_bytes() for p in (out / "sweep.json", out / "mlflow.db")}
+    again = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", "--resume", "--output-dir", str(out),
+                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep timed: finished; nothing to resume" in again.stdout and "rte: best per arm" in again.stdout
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_two_worker_trial_inside_tune(ray_session, tiny_bert, data_dir, tmp_path, monkeypatch):

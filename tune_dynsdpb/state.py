@@ -185,12 +185,14 @@ class SweepState(_Model):
     def save(self, out: str | os.PathLike, journal: bool = False) -> None:
         """Writes ``OUT/sweep.json`` (atomic), then, unless the storage path lies inside ``OUT`` (as
         the default ``OUT/ray`` does), its mirror there; with ``journal``, the Optuna journal is
-        mirrored first, so the stored journal is never older than the stored state."""
+        mirrored first, so the stored journal is never older than the stored state (a journal that
+        cannot be mirrored leaves the stored state as it was, one warning line, until the next save)."""
         text = self.model_dump_json(indent=2)
         write_atomic(Path(out) / STATE_FILE, text)
         if not storage.within(self.storage_path, out):
             if journal and (Path(out) / JOURNAL_FILE).exists():
-                storage.mirror(self.storage_path, JOURNAL_FILE, local=Path(out) / JOURNAL_FILE)
+                if not storage.mirror(self.storage_path, JOURNAL_FILE, local=Path(out) / JOURNAL_FILE):
+                    return
             storage.mirror(self.storage_path, STATE_FILE, text=text)
 
 

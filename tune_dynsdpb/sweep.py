@@ -163,6 +163,11 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
     quiet_libraries(verbose)
     run = open_sweep_run(spec_path, output_dir, resume=resume, storage_path=storage_path, tracking_uri=tracking_uri,
                          data_dir=data_dir, methods=methods, num_samples=num_samples, overrides=overrides)
+    if run.state is not None and run.state.status == "finished" and (run.out / STATE_FILE).exists():
+        # a resume run again (a job's retry); one into a new folder still takes the sweep over below
+        print(f"sweep {run.spec.name}: finished; nothing to resume")
+        print_summary(run.state, run.out)
+        return run.state
     with own_folder(run.out, fresh=run.fresh, storage_path=run.storage_path, new=not run.resume):
         check_tracking_uri(run.tracking_uri)
         init_ray(ray_address, ray_temp_dir, verbose=verbose)
