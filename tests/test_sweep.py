@@ -168,16 +168,14 @@ def test_crash_is_retried_from_its_checkpoint(ray_session, tiny_bert, data_dir, 
     assert state.arms["rte/dynsdpb"].counts == {"FINISHED": 2}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir, tmp_path, sig):
-    """Stop the driver mid-sweep (Ctrl-C; SIGTERM as from Slurm or Kubernetes; SIGKILL), resume:
-    exactly the budget of trial runs per (task, arm), none RUNNING, no trial id twice, no metric
-    step logged twice. SIGINT and SIGTERM stop cleanly (exit 130, the resume line)."""
-    name = f"stop{sig.value}"
-    # 4 epochs x 2 evaluations per trial, none stopped early: the sweep outlasts the first trial
-    spec = spec_file(tmp_path, tiny_bert, name=name, methods=["dlb", "dynsdpb"], num_samples=3, grace_period=8,
-                     params={"common": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
-                                        "num_train_epochs": 4, "per_device_train_batch_size": 16}})
+def stopped_sweep(tmp_path, tiny_bert, data_dir, name: str, sig, num_samples: int, **extra):
+    """A sweep of dlb and dynsdpb trials of 4 epochs x 2 evaluations, none stopped early (so it
+    outlasts its first trial), whose driver gets ``sig`` once a trial has finished; returns
+    (output folder, environment, exit status, stderr)."""
+    spec = spec_file(tmp_path, tiny_bert, name=name, methods=["dlb", "dynsdpb"], num_samples=num_samples,
+                     grace_period=8, params={"common": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                                                        "num_train_epochs": 4, "per_device_train_batch_size": 16}},
+                     **extra)
     out = tmp_path / "sweep"
     env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
     proc = helpers.start_sweep(spec, data_dir, out, env)
@@ -185,6 +183,16 @@ def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir
         helpers.wait_for_finished_trials(out, proc)
     finally:
         code, err = helpers.signal_driver(proc, sig)
+    return out, env, code, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_driver_stopped_then_resumed_runs_exactly_the_budget(tiny_bert, data_dir, tmp_path, sig):
+    """Stop the driver mid-sweep (Ctrl-C; SIGTERM as from Slurm or Kubernetes; SIGKILL), resume:
+    exactly the budget of trial runs per (task, arm), none RUNNING, no trial id twice, no metric
+    step logged twice. SIGINT and SIGTERM stop cleanly (exit 130, the resume line)."""
+    name = f"stop{sig.value}"
+    out, env, code, err = stopped_sweep(tmp_path, tiny_bert, data_dir, name, sig, num_samples=3)
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
     else:
@@ -208,18 +216,8 @@ def test_a_time_budget_ends_the_sweep_and_a_resume_gets_only_the_time_left(tiny_
     Stopped by Ctrl-C first and resumed, Tune brings its time stopper back with the time that was left:
     the resume ends when that is spent, as finished (before, the resume measured the whole budget
     from its own start, called the sweep unfinished and stopped as interrupted, at every resume)."""
-    budget = 30
-    spec = spec_file(tmp_path, tiny_bert, name="timed", methods=["dlb", "dynsdpb"], num_samples=50, grace_period=8,
-                     budget={"time_budget_s": budget},
-                     params={"common": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
-                                        "num_train_epochs": 4, "per_device_train_batch_size": 16}})
-    out = tmp_path / "sweep"
-    env = {**os.environ, "RAY_TMPDIR": guards.short_dir(), "RAY_AUTH_MODE": "disabled"}
-    proc = helpers.start_sweep(spec, data_dir, out, env)
-    try:
-        helpers.wait_for_finished_trials(out, proc)
-    finally:
-        code, err = helpers.signal_driver(proc, signal.SIGINT)
+    out, env, code, err = stopped_sweep(tmp_path, tiny_bert, data_dir, "timed", signal.SIGINT, num_samples=50,
+                                        budget={"time_budget_s": 30})
     assert code == 130, err[-2000:]  # stopped before its time was up
     resumed = subprocess.run([sys.executable, "-m", "tune_dynsdpb.cli", "sweep", "--resume", "--output-dir",
                               str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=600)

@@ -60,6 +60,11 @@ class _Sweep:
         return shown_uri(self.tracking_uri)
 
     @property
+    def finished(self) -> bool:
+        """A finished sweep opened from its own folder (one resumed into a new folder is taken over)."""
+        return self.state is not None and self.state.status == "finished" and (self.out / STATE_FILE).exists()
+
+    @property
     def journal(self) -> str:
         return str(self.out / JOURNAL_FILE)
 
@@ -163,8 +168,7 @@ def run_sweep(spec_path: str | Path | None = None, *, output_dir: str | Path | N
     quiet_libraries(verbose)
     run = open_sweep_run(spec_path, output_dir, resume=resume, storage_path=storage_path, tracking_uri=tracking_uri,
                          data_dir=data_dir, methods=methods, num_samples=num_samples, overrides=overrides)
-    if run.state is not None and run.state.status == "finished" and (run.out / STATE_FILE).exists():
-        # a resume run again (a job's retry); one into a new folder still takes the sweep over below
+    if run.finished:  # resumed again (a job's retry): nothing runs, nothing is logged again
         print(f"sweep {run.spec.name}: finished; nothing to resume")
         print_summary(run.state, run.out)
         return run.state
