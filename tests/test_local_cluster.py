@@ -189,9 +189,9 @@ def check_sweep(c: Cluster, name: str) -> dict:
 
 @pytest.fixture
 def sweep_spec(tmp_path, tiny_bert):
-    def make(name):
-        return spec_file(tmp_path, tiny_bert, name=name, methods=METHODS, num_samples=BUDGET, grace_period=6,
-                         params={"common": {"learning_rate": 1e-3, "num_train_epochs": 3,
+    def make(name, epochs: int = 3):
+        return spec_file(tmp_path, tiny_bert, name=name, methods=METHODS, num_samples=BUDGET, grace_period=2 * epochs,
+                         params={"common": {"learning_rate": 1e-3, "num_train_epochs": epochs,
                                             "per_device_train_batch_size": 8}})
     return make
 
@@ -223,7 +223,9 @@ def test_a_worker_node_lost_mid_sweep(cluster, sweep_spec, data_dir, tmp_path):
     import psutil
 
     name = "lc-node"
-    proc, log = start_sweep(cluster, tmp_path, sweep_spec(name), name, tmp_path / "out", data_dir)
+    # 6 epochs: a trial trains long enough on a worker, after the first checkpoint, for the poll
+    # below to find it on a loaded machine (at 3, a CI run once saw every trial end first)
+    proc, log = start_sweep(cluster, tmp_path, sweep_spec(name, epochs=6), name, tmp_path / "out", data_dir)
     t0 = time.time()
     victim = {}
 
